@@ -1,0 +1,56 @@
+"""`raylong run | report | validate` (the `ray job submit` entry point is jobs/pipeline.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raylong", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a pipeline from a recipe")
+    run.add_argument("--recipe", required=True)
+    run.add_argument("--pipeline-id", default=None, help="rerun an id to skip its finished stages")
+    run.add_argument("--storage-path", default=None, help="override the recipe's storage_path")
+    rep = sub.add_parser("report", help="per-stage table of a pipeline, read back from MLflow")
+    rep.add_argument("pipeline_id")
+    rep.add_argument("--storage-path", default="./runs")
+    val = sub.add_parser("validate", help="load and check a recipe without running it")
+    val.add_argument("recipe")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from raylong.config import load_recipe
+
+    if args.command == "validate":
+        cfg = load_recipe(args.recipe)
+        for s in cfg.stages:
+            print(f"{s.name}: {s.kind} seq_len={s.seq_len} SP={s.parallel.sp_size} x DP={s.data_parallel_size} "
+                  f"ZeRO-{s.parallel.zero_stage} steps={s.optim.steps} tokens/step={s.tokens_per_step}")
+        return 0
+    if args.command == "run":
+        from raylong.pipeline.report import format_table, stage_rows
+        from raylong.pipeline.runner import run_pipeline
+        from raylong.pipeline.tracking import Tracker
+
+        overrides = {"storage_path": args.storage_path} if args.storage_path else None
+        cfg = load_recipe(args.recipe, overrides)
+        result = run_pipeline(cfg, args.pipeline_id)
+        print(f"\n[raylong] pipeline {result.pipeline_id} finished; MLflow: {result.tracking_uri}\n")
+        print(format_table(stage_rows(Tracker(result.tracking_uri), result.pipeline_id)), flush=True)
+        return 0
+    if args.command == "report":
+        from raylong.pipeline.report import format_table, stage_rows
+        from raylong.pipeline.tracking import Tracker, default_tracking_uri
+        from raylong.storage import absolute
+
+        tracker = Tracker(default_tracking_uri(absolute(args.storage_path)))
+        print(format_table(stage_rows(tracker, args.pipeline_id)))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Typed pipeline configuration: a recipe (YAML) is loaded into a `PipelineConfig`.
+
+A recipe names the model to start from, the tokenizer, where results go, and an ordered list of
+stages. Defaults live here, not in the code that consumes them. Errors name the field, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# ----------------------------------------------------------------------------------------- model
+class RopeConfig(_Strict):
+    """Rotary embedding of a stage. `type` picks the Hugging Face rope_type."""
+
+    type: Literal["default", "yarn", "llama3"] = "default"
+    theta: float = Field(500_000.0, gt=0)
+    factor: float | None = Field(None, gt=0, description="yarn / llama3 scaling factor")
+    original_max_position_embeddings: int | None = Field(None, gt=0)
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+
+    @model_validator(mode="after")
+    def _needs_factor(self) -> RopeConfig:
+        if self.type in ("yarn", "llama3"):
+            if self.factor is None or self.original_max_position_embeddings is None:
+                raise ValueError(
+                    f"rope.type={self.type!r} needs rope.factor and rope.original_max_position_embeddings "
+                    f"(got factor={self.factor}, original_max_position_embeddings={self.original_max_position_embeddings})"
+                )
+        return self
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `rope_parameters` dict transformers (v5) reads from a model config."""
+        params: dict[str, Any] = {"rope_type": self.type, "rope_theta": float(self.theta)}
+        if self.type in ("yarn", "llama3"):
+            params["factor"] = float(self.factor)
+            params["original_max_position_embeddings"] = int(self.original_max_position_embeddings)
+        if self.type == "llama3":
+            params["low_freq_factor"] = self.low_freq_factor
+            params["high_freq_factor"] = self.high_freq_factor
+        return params
+
+
+class ModelConfig(_Strict):
+    """Where the chain starts: a Hugging Face directory / hub id, or a config to initialise randomly."""
+
+    path: str | None = None
+    init: dict[str, Any] | None = Field(None, description="LlamaConfig kwargs for a random initialisation")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.path is None) == (self.init is None):
+            raise ValueError("model: set exactly one of model.path (pretrained) or model.init (random init config)")
+        return self
+
+
+class TokenizerTrainConfig(_Strict):
+    """Train a byte-level BPE on local files (used when no tokenizer path exists, e.g. the tiny recipe)."""
+
+    vocab_size: int = Field(4096, ge=300)
+    files: str = Field(..., description="glob of text files to train on")
+    max_files: int = Field(400, ge=1)
+
+
+class TokenizerConfig(_Strict):
+    path: str | None = None
+    train: TokenizerTrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerConfig:
+        if self.path is None and self.train is None:
+            raise ValueError("tokenizer: set tokenizer.path, or tokenizer.train to build one locally")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ data
+class GenerateConfig(_Strict):
+    """Synthetic long-context conversations built over real filler documents."""
+
+    task: Literal["passkey", "kv_lookup"] = "passkey"
+    num_examples: int = Field(64, ge=1)
+    filler: str = Field(..., description="glob of real text files used as haystack")
+    context_tokens: list[int] = Field(..., min_length=1, description="approximate filler lengths in tokens")
+    seed: int = 0
+
+
+class SourceConfig(_Strict):
+    name: str
+    path: str | None = Field(None, description="file, directory, glob or URI (file://, s3://, gs://)")
+    format: Literal["text", "jsonl", "parquet"] = "jsonl"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    weight: float = Field(1.0, gt=0)
+    generate: GenerateConfig | None = None
+
+    @model_validator(mode="after")
+    def _path_or_generate(self) -> SourceConfig:
+        if (self.path is None) == (self.generate is None):
+            raise ValueError(f"source {self.name!r}: set exactly one of path or generate")
+        if self.generate is not None and self.format != "jsonl":
+            raise ValueError(f"source {self.name!r}: generated sources are jsonl (got format={self.format!r})")
+        return self
+
+
+class DataConfig(_Strict):
+    sources: list[SourceConfig] = Field(..., min_length=1)
+    token_budget: int | None = Field(None, gt=0, description="tokens to pack for this stage (None: all)")
+    separator: Literal["eos", "none"] = "eos"
+    tail_policy: Literal["pad", "drop"] = "pad"
+    sft_overlong: Literal["truncate", "drop"] = "drop"
+    heldout_fraction: float = Field(0.05, ge=0, lt=0.5, description="packed sequences kept for evaluation")
+    error_budget: float = Field(0.001, ge=0, le=1, description="fraction of bad records tolerated")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        if len(names) != len(set(names)):
+            raise ValueError(f"data.sources: names must be unique (got {names})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- train
+class OptimConfig(_Strict):
+    lr: float = Field(2e-5, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    steps: int = Field(..., ge=1)
+    micro_batch_size: Literal[1] = 1
+    grad_accum: int = Field(1, ge=1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class ParallelConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    sp_size: int = Field(1, ge=1)
+    zero_stage: Literal[1, 2, 3] = 3
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sp_divides_workers(self) -> ParallelConfig:
+        if self.num_workers % self.sp_size != 0:
+            raise ValueError(
+                f"parallel.num_workers must be a multiple of parallel.sp_size "
+                f"({self.num_workers} % {self.sp_size} != 0)"
+            )
+        return self
+
+
+class StageConfig(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["pretrain", "sft"]
+    seq_len: int = Field(..., ge=16)
+    init_from: str | None = Field(None, description="stage to start from; default: the previous stage")
+    rope: RopeConfig = RopeConfig()
+    data: DataConfig
+    optim: OptimConfig
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
+    per_document_attention: bool = True
+
+    @model_validator(mode="after")
+    def _seq_len_divisible(self) -> StageConfig:
+        sp = self.parallel.sp_size
+        if self.seq_len % sp != 0:
+            raise ValueError(
+                f"stage {self.name!r}: seq_len must be divisible by parallel.sp_size "
+                f"({self.seq_len} % {sp} != 0); pick seq_len a multiple of {sp}"
+            )
+        return self
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.parallel.num_workers // self.parallel.sp_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.optim.micro_batch_size * self.optim.grad_accum * self.data_parallel_size
+
+
+class PipelineConfig(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: str = Field("./runs", description="local dir or URI for data, checkpoints, exports")
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    stages: list[StageConfig] = Field(..., min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_chain(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        seen: list[str] = []
+        for i, stage in enumerate(stages):
+            if stage.name in seen:
+                raise ValueError(f"stages[{i}].name {stage.name!r} is used twice; stage names must be unique")
+            if stage.init_from is not None and stage.init_from not in seen:
+                raise ValueError(
+                    f"stages[{i}].init_from={stage.init_from!r} must name an earlier stage (one of {seen or 'none'})"
+                )
+            seen.append(stage.name)
+        return stages
+
+    @model_validator(mode="after")
+    def _heads_divisible(self) -> PipelineConfig:
+        if self.model.init is not None:
+            check_heads_divisible(self, self.model.init.get("num_attention_heads", 32))
+        return self
+
+    def init_stage_of(self, index: int) -> str | None:
+        """Name of the stage whose export stage `index` starts from (None: the base model)."""
+        stage = self.stages[index]
+        if stage.init_from is not None:
+            return stage.init_from
+        return self.stages[index - 1].name if index > 0 else None
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage named {name!r} (stages: {[s.name for s in self.stages]})")
+
+
+def check_heads_divisible(cfg: PipelineConfig, num_attention_heads: int) -> None:
+    """Ulysses splits attention heads across the SP group: heads % sp_size must be 0."""
+    for i, stage in enumerate(cfg.stages):
+        sp = stage.parallel.sp_size
+        if num_attention_heads % sp != 0:
+            raise ValueError(
+                f"stages[{i}] ({stage.name}): the model's num_attention_heads must be divisible by "
+                f"parallel.sp_size ({num_attention_heads} % {sp} != 0); use an sp_size dividing {num_attention_heads}"
+            )
+
+
+# --------------------------------------------------------------------------------------- loading
+def expand_path(path: str) -> str:
+    """Expand ${PYTHON_STDLIB}, other ${ENV} variables and ~ in a recipe path."""
+    env = dict(os.environ)
+    env.setdefault("PYTHON_STDLIB", sysconfig.get_paths()["stdlib"])
+    out = path
+    for key, value in env.items():
+        out = out.replace("${" + key + "}", value)
+    return os.path.expanduser(out)
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a YAML recipe into a validated PipelineConfig (top-level `overrides` applied first)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw.update(overrides or {})
+    return PipelineConfig.model_validate(raw)
+
+
+def config_hash(obj: BaseModel | dict) -> str:
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested dict into dotted keys (MLflow params)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                out.update(flatten(item, f"{key}.{i}."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+    return out

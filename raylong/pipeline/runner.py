@@ -1,0 +1,197 @@
+"""The stage chain: for each stage, data -> train -> record, each starting from the previous export.
+
+Ray Workflows is gone from Ray 2.60, so the driver runs the chain itself: a Ray Data job and a
+TorchTrainer.fit() per stage. Durable state is MLflow (which stages FINISHED, where their exports are)
+plus the storage path (packed data with commit markers, Ray Train checkpoints, exports with
+EXPORT.json). Rerunning a pipeline id skips finished stages and resumes an interrupted one from its
+latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from raylong.config import PipelineConfig, StageConfig, check_heads_divisible
+from raylong.pipeline.tracking import Tracker, default_tracking_uri
+from raylong.storage import absolute, download_dir, exists, upload_dir
+
+log = logging.getLogger("raylong.pipeline")
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    run_id: str
+    export_uri: str
+    skipped: bool
+    seconds: float = 0.0
+
+
+@dataclass
+class PipelineResult:
+    pipeline_id: str
+    parent_run_id: str
+    tracking_uri: str
+    stages: list[StageOutcome] = field(default_factory=list)
+
+
+class PipelinePaths:
+    """Where one pipeline keeps its things under the storage path."""
+
+    def __init__(self, storage_path: str, pipeline_id: str):
+        self.storage = absolute(storage_path)
+        self.root = f"{self.storage}/{pipeline_id}"
+        self.tokenizer = f"{self.root}/assets/tokenizer"
+        self.base_model = f"{self.root}/assets/base_model"
+        self.data = f"{self.root}/data"
+        self.train = f"{self.root}/train"
+
+    def export(self, stage: str) -> str:
+        return f"{self.root}/stages/{stage}/export"
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Checks that need no cluster: the model's heads vs every stage's SP degree, data paths exist."""
+    from raylong.data.prepare import DataError
+    from raylong.data.sources import resolve_files
+
+    if cfg.model.path is not None:
+        from transformers import AutoConfig
+
+        check_heads_divisible(cfg, AutoConfig.from_pretrained(cfg.model.path).num_attention_heads)
+    for stage in cfg.stages:
+        for src in stage.data.sources:
+            if src.path is not None:
+                try:
+                    files = resolve_files(src.path, src.format)
+                except FileNotFoundError as exc:
+                    raise DataError(f"stage {stage.name!r}, source {src.name!r}: {exc}") from None
+                if not files:
+                    raise DataError(f"stage {stage.name!r}, source {src.name!r}: no files match {src.path!r}")
+
+
+def ensure_tokenizer(cfg: PipelineConfig, paths: PipelinePaths) -> str:
+    """The tokenizer directory: `tokenizer.path` if it exists, else train the configured BPE once."""
+    from raylong.data.tokenize import train_bpe_tokenizer
+
+    if cfg.tokenizer.path is not None:
+        return cfg.tokenizer.path
+    if not exists(f"{paths.tokenizer}/tokenizer.json"):
+        t = cfg.tokenizer.train
+        with tempfile.TemporaryDirectory() as tmp:
+            from raylong.config import expand_path
+
+            train_bpe_tokenizer(expand_path(t.files), t.vocab_size, tmp, t.max_files)
+            upload_dir(tmp, paths.tokenizer)
+        log.info("trained a %d-token BPE tokenizer -> %s", t.vocab_size, paths.tokenizer)
+    return paths.tokenizer
+
+
+def ensure_base_model(cfg: PipelineConfig, tokenizer_dir: str, paths: PipelinePaths) -> str:
+    """The chain's starting weights: `model.path`, or a random init written once as an HF export."""
+    from raylong.train.model import export_complete, init_random_model
+
+    if cfg.model.path is not None:
+        return cfg.model.path
+    if export_complete(paths.base_model) is None:
+        init_random_model(cfg.model, tokenizer_dir, paths.base_model)
+    return paths.base_model
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster of a `ray job submit` (RAY_ADDRESS), else start a local one bound to loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # GCS, raylet, workers on 127.0.0.1
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_uri: str | None = None) -> PipelineResult:
+    from raylong.train.model import export_complete
+
+    pipeline_id = pipeline_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = PipelinePaths(cfg.storage_path, pipeline_id)
+    preflight(cfg)
+    tracking_uri = tracking_uri or default_tracking_uri(paths.storage)
+    tracker = Tracker(tracking_uri, artifact_root=f"{paths.storage}/mlartifacts")
+    parent = tracker.start_pipeline(pipeline_id, cfg.name, cfg.model_dump_json(indent=2))
+    result = PipelineResult(pipeline_id, parent, tracking_uri)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # forwarded to the training workers
+    print(f"[raylong] pipeline {pipeline_id}: {len(cfg.stages)} stages, storage {paths.root}, MLflow {tracking_uri}",
+          flush=True)
+    ensure_ray()
+    try:
+        tokenizer_uri = ensure_tokenizer(cfg, paths)
+        tokenizer_local = download_dir(tokenizer_uri, tempfile.mkdtemp(prefix="raylong-tok-"))
+        base_uri = ensure_base_model(cfg, tokenizer_local, paths)
+        exports: dict[str, str] = {}
+        for index, stage in enumerate(cfg.stages):
+            init_stage = cfg.init_stage_of(index)
+            init_uri = base_uri if init_stage is None else exports[init_stage]
+            done = tracker.finished_stage(parent, stage.name)
+            if done is not None and export_complete(done.tags["checkpoint_uri"]) is not None:
+                exports[stage.name] = done.tags["checkpoint_uri"]
+                result.stages.append(StageOutcome(stage.name, done.run_id, exports[stage.name], skipped=True))
+                print(f"[raylong] stage {index} {stage.name}: FINISHED in run {done.run_id}, skipped", flush=True)
+                continue
+            t0 = time.time()
+            outcome = run_stage(tracker, parent, pipeline_id, index, stage, init_uri, tokenizer_uri, tokenizer_local, paths)
+            outcome.seconds = time.time() - t0
+            exports[stage.name] = outcome.export_uri
+            result.stages.append(outcome)
+    except BaseException:
+        tracker.end_pipeline(parent, "FAILED")
+        raise
+    tracker.end_pipeline(parent, "FINISHED")
+    return result
+
+
+def run_stage(tracker: Tracker, parent: str, pipeline_id: str, index: int, stage: StageConfig, init_uri: str,
+              tokenizer_uri: str, tokenizer_local: str, paths: PipelinePaths) -> StageOutcome:
+    """data -> train -> export -> record, for one stage, inside its own child run."""
+    from raylong.data.prepare import DataError, prepare_stage_data
+    from raylong.train.launch import run_training
+    from raylong.train.loop import StageRun
+    from raylong.train.model import export_complete
+
+    init_manifest = export_complete(init_uri) if exists(init_uri) else None
+    export_uri = paths.export(stage.name)
+    run_id = tracker.start_stage(parent, pipeline_id, index, stage.model_dump(mode="json"), {
+        "init_from": init_uri,
+        "init_checksum": (init_manifest or {}).get("checksum", "n/a"),
+    })
+    print(f"[raylong] stage {index} {stage.name}: {stage.kind} at {stage.seq_len} tokens from {init_uri} "
+          f"(MLflow run {run_id})", flush=True)
+    try:
+        data = prepare_stage_data(stage, tokenizer_local, paths.data)
+        tracker.log_json(run_id, data.report, "data_report.json")
+        tracker.log_metrics(run_id, {f"data/{k}": v for k, v in data.report.items() if isinstance(v, (int, float))})
+        tracker.set_tags(run_id, {"data_dir": data.directory, "data_cached": str(data.cached)})
+        if data.train_sequences < stage.parallel.num_workers:
+            raise DataError(f"stage {stage.name!r}: {data.train_sequences} training sequences for "
+                            f"{stage.parallel.num_workers} workers; every worker needs at least one")
+        run = StageRun(stage=stage.model_dump(mode="json"), init_dir=init_uri, tokenizer_dir=tokenizer_uri,
+                       train_path=data.train_path, export_dir=export_uri, mlflow_run_id=run_id)
+        fit = run_training(stage, run, run_name=f"{pipeline_id}-{stage.name}", storage_path=paths.train)
+        manifest = export_complete(export_uri)
+        if manifest is None:
+            raise RuntimeError(f"stage {stage.name}: training ended without a complete export at {export_uri}")
+        tracker.set_tags(run_id, {
+            "checkpoint_uri": export_uri,
+            "export_checksum": manifest["checksum"],
+            "resumed_from_step": str((fit.metrics or {}).get("resumed_from_step", 0)),
+        })
+        tracker.end_stage(run_id, "FINISHED")
+    except BaseException:
+        tracker.end_stage(run_id, "FAILED")
+        raise
+    return StageOutcome(stage.name, run_id, export_uri, skipped=False)

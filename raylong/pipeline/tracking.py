@@ -1,0 +1,125 @@
+"""MLflow adapter: one parent run per pipeline, one nested child run per stage.
+
+The chain's durable state lives here: a rerun of a pipeline id finds its parent run by tag and skips
+every stage whose child run is FINISHED, starting the next one from that run's `checkpoint_uri`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from raylong.config import flatten
+
+EXPERIMENT = "raylong"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri(storage_path: str) -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite file in the (local) storage directory."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if "://" in storage_path and not storage_path.startswith("file://"):
+        raise ValueError(
+            f"storage_path {storage_path} is remote: set MLFLOW_TRACKING_URI to your MLflow tracking server"
+        )
+    local = storage_path.removeprefix("file://")
+    os.makedirs(local, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(local)}/mlflow.db"
+
+
+@dataclass
+class StageRecord:
+    run_id: str
+    stage: str
+    status: str
+    tags: dict[str, str]
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, artifact_root: str | None = None, experiment: str = EXPERIMENT):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+
+    # ------------------------------------------------------------------------------ pipeline
+    def find_pipeline(self, pipeline_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.pipeline_id = '{pipeline_id}' and tags.kind = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def start_pipeline(self, pipeline_id: str, recipe_name: str, recipe_json: str) -> str:
+        """The pipeline's parent run: reopened when it exists, else created."""
+        run_id = self.find_pipeline(pipeline_id)
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=pipeline_id,
+            tags={"pipeline_id": pipeline_id, "kind": "pipeline", "recipe": recipe_name},
+        )
+        self.client.log_text(run.info.run_id, recipe_json, "recipe.json")
+        return run.info.run_id
+
+    def end_pipeline(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    # --------------------------------------------------------------------------------- stages
+    def stage_runs(self, parent_id: str) -> list[StageRecord]:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1000,
+        )
+        return [StageRecord(r.info.run_id, r.data.tags.get("stage", ""), r.info.status, r.data.tags) for r in runs]
+
+    def finished_stage(self, parent_id: str, stage: str) -> StageRecord | None:
+        for rec in reversed(self.stage_runs(parent_id)):
+            if rec.stage == stage and rec.status == "FINISHED":
+                return rec
+        return None
+
+    def start_stage(self, parent_id: str, pipeline_id: str, index: int, stage_dump: dict, tags: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{index}-{stage_dump['name']}",
+            tags={PARENT_TAG: parent_id, "pipeline_id": pipeline_id, "kind": "stage", "stage": stage_dump["name"],
+                  "stage_index": str(index), **tags},
+        )
+        params = flatten(stage_dump)
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[i : i + 100])
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_json(self, run_id: str, obj: dict, name: str) -> None:
+        self.client.log_text(run_id, json.dumps(obj, indent=2), name)
+
+    def end_stage(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def metric_history(self, run_id: str, key: str) -> list[float]:
+        return [m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)]

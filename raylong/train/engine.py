@@ -1,0 +1,70 @@
+"""DeepSpeed configuration and engine for one stage: ZeRO stage, precision, SP degree, optimizer, LR."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from raylong.config import OptimConfig, StageConfig
+
+
+def deepspeed_config(stage: StageConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict (pure): ZeRO, bf16 on GPU / fp32 on CPU, SP degree, clipping."""
+    p, o = stage.parallel, stage.optim
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "sequence_parallel_size": p.sp_size,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if p.use_gpu:
+        cfg["bf16"] = {"enabled": True}
+        cfg["seq_parallel_communication_data_type"] = "bf16"
+    return cfg
+
+
+def lr_lambda(o: OptimConfig):
+    """Linear warmup, then cosine to `min_lr_ratio` (or constant): a multiplier of o.lr per step."""
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        span = max(1, o.steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(model: torch.nn.Module, stage: StageConfig, mpu=None, optimizer_cls=None):
+    """deepspeed.initialize with a torch optimizer (AdamW by default: no CPU-Adam compile) and schedule."""
+    import deepspeed
+
+    o = stage.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer_cls is None:
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    else:
+        optimizer = optimizer_cls(params, lr=o.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(stage), mpu=mpu
+    )
+    return engine, optimizer, scheduler
+
+
+def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full weights on rank 0 (collective under ZeRO-3: every rank must call it)."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()

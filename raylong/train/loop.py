@@ -1,0 +1,224 @@
+"""The training loop each Ray Train worker runs for one stage.
+
+Setup: model with the stage's RoPE -> Ulysses SP registration -> DeepSpeed engine -> data -> resume.
+Step:  batch -> (SP shard) -> forward -> token-weighted loss -> backward -> step -> report.
+End:   consolidated Hugging Face export, barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from raylong.config import StageConfig
+from raylong.storage import download_dir, fs_path
+from raylong.train.attention import attention_for
+from raylong.train.engine import build_engine, consolidated_state_dict
+from raylong.train.loss import loss_sum_and_count, shift_labels, sp_gradient_scale, token_weighted_loss
+from raylong.train.model import load_model, save_export
+
+CHECKPOINT_TAG = "state"
+MANIFEST = "MANIFEST.json"
+
+
+@dataclass
+class StageRun:
+    """Everything a worker needs to train one stage (sent as train_loop_config)."""
+
+    stage: dict
+    init_dir: str
+    tokenizer_dir: str
+    train_path: str
+    export_dir: str
+    mlflow_run_id: str | None = None
+    fail_at_step: int | None = None  # fault injection for resume tests: rank 1 exits once at this step
+
+
+# ------------------------------------------------------------------------------------------ data
+class SequenceLoader:
+    """The packed sequences of this rank: rows rank, rank+world, ... of the Parquet file, the same
+    count on every rank (SP ranks must run the same number of micro-steps or they hang)."""
+
+    def __init__(self, path: str, rank: int, world: int):
+        fs, local = fs_path(path)
+        self.file = pq.ParquetFile(fs.open_input_file(local))
+        total = self.file.metadata.num_rows
+        self.per_rank = total // world
+        if self.per_rank == 0:
+            raise ValueError(f"{path} has {total} sequences, fewer than the {world} workers")
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        index, emitted = 0, 0
+        for g in range(self.file.num_row_groups):
+            table = self.file.read_row_group(g)
+            for row in range(table.num_rows):
+                if index % self.world == self.rank and emitted < self.per_rank:
+                    emitted += 1
+                    yield {
+                        k: torch.from_numpy(np.asarray(table[k][row].as_py(), dtype=np.int64)).unsqueeze(0)
+                        for k in ("input_ids", "position_ids", "labels")
+                    }
+                index += 1
+
+
+def forever(loader) -> Iterator[dict]:
+    """Cycle through the loader epoch after epoch (the Ulysses adapter raises StopIteration per epoch)."""
+    while True:
+        yield from loader
+
+
+# ------------------------------------------------------------------------------------ reporting
+class MetricsSink:
+    """Rank 0 writes per-step metrics straight to the stage's MLflow run."""
+
+    def __init__(self, run_id: str | None, rank: int):
+        self.client = None
+        if run_id and rank == 0:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(engine, step: int, metrics: dict, rank: int) -> None:
+    """DeepSpeed state of every rank -> one Ray Train checkpoint; rank 0 writes the manifest last."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"step": step})
+        if rank == 0:
+            with open(os.path.join(d, MANIFEST), "w") as f:
+                json.dump({"step": step, "tag": CHECKPOINT_TAG, "world_size": dist.get_world_size()}, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def restore_checkpoint(engine) -> int:
+    """Load the latest complete checkpoint, if any; returns the step to continue from."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        manifest_path = os.path.join(d, MANIFEST)
+        if not os.path.exists(manifest_path):
+            raise RuntimeError(f"checkpoint {d} has no {MANIFEST}: it is incomplete and will not be loaded")
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        _, client_state = engine.load_checkpoint(d, tag=manifest["tag"])
+    return int(client_state["step"])
+
+
+# ------------------------------------------------------------------------------------------ main
+def train_stage(config: dict) -> None:
+    """Ray Train worker entry point."""
+    import deepspeed
+    import ray.train
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF, UlyssesSPDataLoaderAdapter
+
+    run = StageRun(**config)
+    stage = StageConfig.model_validate(run.stage)
+    o, p = stage.optim, stage.parallel
+    deepspeed.init_distributed(dist_backend="nccl" if p.use_gpu else "gloo")  # reuses Ray Train's group
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if p.use_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if p.use_gpu else torch.float32
+
+    scratch = tempfile.mkdtemp(prefix="raylong-")
+    init_dir = download_dir(run.init_dir, f"{scratch}/init")  # no-op for local storage
+    tokenizer_dir = download_dir(run.tokenizer_dir, f"{scratch}/tokenizer")
+    attn = attention_for(stage.per_document_attention, p.use_gpu)
+    model = load_model(init_dir, stage, attn, dtype)
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=p.sp_size,
+        micro_batch_size=o.micro_batch_size, seq_length=stage.seq_len, seq_length_is_variable=True,
+    )
+    engine, _, scheduler = build_engine(model, stage, mpu)
+    sp_group = mpu.get_sequence_parallel_group() if mpu else None
+
+    loader = SequenceLoader(run.train_path, rank, world)
+    if mpu is not None:
+        loader = UlyssesSPDataLoaderAdapter(loader, mpu.get_sequence_parallel_rank(), sp_group, p.sp_size, device)
+    batches = forever(loader)
+    grad_scale = sp_gradient_scale(p.sp_size, p.zero_stage)
+    sink = MetricsSink(run.mlflow_run_id, rank)
+    start_step = restore_checkpoint(engine)
+    if rank == 0:
+        print(
+            f"[raylong] stage {stage.name}: {stage.kind} seq_len={stage.seq_len} SP={p.sp_size} x DP={stage.data_parallel_size} "
+            f"ZeRO-{p.zero_stage} attn={attn} rope={stage.rope.to_hf()} tokens/step={stage.tokens_per_step} "
+            f"steps={o.steps} (from {start_step}) sequences/rank={len(loader)}",
+            flush=True,
+        )
+
+    engine.train()
+    metrics: dict[str, float] = {}
+    for step in range(start_step, o.steps):
+        if run.fail_at_step == step and rank == 1 and start_step == 0:
+            os._exit(1)  # simulated worker crash (tests): only in an attempt that did not resume
+        t0 = time.perf_counter()
+        step_loss, learn_tokens = 0.0, 0
+        for _ in range(o.grad_accum):
+            batch = next(batches)
+            targets = batch["shift_labels"] if "shift_labels" in batch else shift_labels(batch["labels"])
+            logits = engine(
+                input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), use_cache=False
+            ).logits
+            loss_sum, count = loss_sum_and_count(logits, targets.to(device))
+            loss, tokens = token_weighted_loss(loss_sum, count, sp_group)
+            engine.backward(loss * grad_scale)
+            engine.step()
+            step_loss += loss.item() / o.grad_accum
+            learn_tokens += tokens
+        step_time = time.perf_counter() - t0
+        metrics = {
+            "train/loss": step_loss,
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "train/tokens_per_s": stage.tokens_per_step / step_time,
+            "train/learnable_tokens": learn_tokens,
+            "train/step_time_s": step_time,
+            "train/peak_mem_mib": peak_memory_mib(device),
+        }
+        sink.log(metrics, step)
+        if rank == 0:
+            print(f"[raylong] {stage.name} step {step + 1}/{o.steps} loss {step_loss:.4f} "
+                  f"{metrics['train/tokens_per_s']:.0f} tok/s {step_time:.2f}s", flush=True)
+        done = step + 1
+        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < o.steps:
+            save_checkpoint(engine, done, {**metrics, "step": done}, rank)
+
+    state_dict = consolidated_state_dict(engine, p.zero_stage)
+    if rank == 0:
+        save_export(engine.module, state_dict, tokenizer_dir, run.export_dir)
+    dist.barrier()
+    ray.train.report({**metrics, "step": o.steps, "resumed_from_step": start_step})
+

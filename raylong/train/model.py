@@ -1,0 +1,96 @@
+"""Build a stage's model from an HF export with the stage's RoPE; write the stage's HF export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from raylong.config import ModelConfig, StageConfig
+
+
+def stage_model_config(init_dir: str, stage: StageConfig, attn_implementation: str):
+    """The init model's config with this stage's RoPE, a max_position_embeddings >= seq_len, no cache."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(init_dir)
+    config.rope_parameters = stage.rope.to_hf()
+    config.max_position_embeddings = max(int(config.max_position_embeddings), stage.seq_len)
+    config.use_cache = False  # with a cache transformers skips packed-sequence handling
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def load_model(init_dir: str, stage: StageConfig, attn_implementation: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    config = stage_model_config(init_dir, stage, attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(
+        init_dir, config=config, dtype=dtype, attn_implementation=attn_implementation
+    )
+
+
+def init_random_model(model: ModelConfig, tokenizer_dir: str, out_dir: str) -> str:
+    """Write a randomly initialised Llama (from `model.init`) as an HF directory: the chain's base model."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kwargs = dict(model.init or {})
+    kwargs.setdefault("vocab_size", len(tok))
+    kwargs.setdefault("bos_token_id", tok.bos_token_id)
+    kwargs.setdefault("eos_token_id", tok.eos_token_id)
+    kwargs.setdefault("pad_token_id", tok.pad_token_id)
+    torch.manual_seed(model.seed)
+    hf = LlamaForCausalLM(LlamaConfig(**kwargs))
+    save_export(hf, None, tokenizer_dir, out_dir)
+    return out_dir
+
+
+def save_export(model, state_dict, tokenizer_dir: str, out_uri: str) -> None:
+    """save_pretrained (safetensors) + tokenizer into a local temp dir, then copy to `out_uri` and write
+    EXPORT.json last, so a half-written export is never mistaken for a complete one."""
+    from raylong.storage import upload_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.config.use_cache = True
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy(f, Path(tmp) / f.name)
+        manifest = {"files": sorted(p.name for p in Path(tmp).iterdir()), "checksum": weights_checksum(tmp)}
+        upload_dir(tmp, out_uri)
+    from raylong.storage import write_text
+
+    write_text(f"{out_uri}/EXPORT.json", json.dumps(manifest, indent=2))
+
+
+def weights_checksum(model_dir: str) -> str:
+    """sha256 over the safetensors files of a local HF directory (names sorted)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def export_complete(out_uri: str) -> dict | None:
+    from raylong.storage import read_text
+
+    text = read_text(f"{out_uri}/EXPORT.json")
+    return json.loads(text) if text is not None else None
+
+
+def rotary_inv_freq(model) -> torch.Tensor:
+    """The inverse frequencies the model's rotary embedding actually uses."""
+    return model.model.rotary_emb.inv_freq.detach().clone()
+
+
+def local_threads(cpus: float) -> None:
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", cpus) or 1)))
