@@ -76,6 +76,17 @@ def register_attention() -> None:
     AttentionMaskInterface.register(CAUSAL, _no_mask)
 
 
+def reset_sequence_parallel() -> None:
+    """Undo a previous Ulysses registration in this process (its SP groups and the attention wrapper it
+    installed), so one process can build more than one stage engine: tests, eval after training."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS._local_mapping.clear()
+    if getattr(sp_state, "_SEQUENCE_PARALLEL_GROUP", None) is not None:
+        sp_state._release_sequence_parallel_groups()
+
+
 def attention_for(per_document: bool, use_gpu: bool) -> str:
     register_attention()
     if per_document and use_gpu:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from raylong.config import StageConfig
 from raylong.storage import download_dir, fs_path
-from raylong.train.attention import attention_for
+from raylong.train.attention import attention_for, reset_sequence_parallel
 from raylong.train.engine import build_engine, consolidated_state_dict
 from raylong.train.loss import loss_sum_and_count, shift_labels, sp_gradient_scale, token_weighted_loss
 from raylong.train.model import load_model, save_export
@@ -137,49 +137,94 @@ def restore_checkpoint(engine) -> int:
     return int(client_state["step"])
 
 
+# ------------------------------------------------------------------------------------------ setup
+@dataclass
+class StageEngine:
+    """What a worker holds while training a stage."""
+
+    stage: StageConfig
+    engine: object  # deepspeed.DeepSpeedEngine
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    attn: str
+    device: torch.device
+    sp_group: object | None  # torch ProcessGroup of this rank's SP peers (None at SP=1)
+    sp_rank: int
+    grad_scale: float
+
+
+def build_stage_engine(stage: StageConfig, init_dir: str, optimizer_cls=None) -> StageEngine:
+    """Model with the stage's RoPE and attention -> Ulysses registration -> DeepSpeed engine."""
+    import deepspeed
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    p = stage.parallel
+    deepspeed.init_distributed(dist_backend="nccl" if p.use_gpu else "gloo")  # reuses an existing group
+    device = torch.device("cuda", torch.cuda.current_device()) if p.use_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if p.use_gpu else torch.float32
+    attn = attention_for(stage.per_document_attention, p.use_gpu)
+    model = load_model(init_dir, stage, attn, dtype)
+    reset_sequence_parallel()
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=p.sp_size,
+        micro_batch_size=stage.optim.micro_batch_size, seq_length=stage.seq_len, seq_length_is_variable=True,
+    )
+    engine, _, scheduler = build_engine(model, stage, mpu, optimizer_cls)
+    sp_group = mpu.get_sequence_parallel_group() if mpu else None
+    sp_rank = mpu.get_sequence_parallel_rank() if mpu else 0
+    return StageEngine(stage, engine, scheduler, attn, device, sp_group, sp_rank,
+                       sp_gradient_scale(p.sp_size, p.zero_stage))
+
+
+def shard_loader(se: StageEngine, loader):
+    """At SP > 1, Ulysses' adapter shards each sequence across the SP group (and adds shift_labels)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+
+    if se.sp_group is None:
+        return loader
+    return UlyssesSPDataLoaderAdapter(loader, se.sp_rank, se.sp_group, se.stage.parallel.sp_size, se.device)
+
+
+def micro_step(se: StageEngine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """forward -> token-weighted loss over the SP group -> backward -> step (DeepSpeed applies the
+    optimizer at the accumulation boundary). Returns (loss, learnable tokens of the whole sequence)."""
+    targets = batch["shift_labels"] if "shift_labels" in batch else shift_labels(batch["labels"])
+    logits = se.engine(
+        input_ids=batch["input_ids"].to(se.device), position_ids=batch["position_ids"].to(se.device), use_cache=False
+    ).logits
+    loss_sum, count = loss_sum_and_count(logits, targets.to(se.device))
+    loss, tokens = token_weighted_loss(loss_sum, count, se.sp_group)
+    se.engine.backward(loss * se.grad_scale)
+    se.engine.step()
+    return loss.item(), tokens
+
+
 # ------------------------------------------------------------------------------------------ main
 def train_stage(config: dict) -> None:
     """Ray Train worker entry point."""
-    import deepspeed
     import ray.train
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF, UlyssesSPDataLoaderAdapter
 
     run = StageRun(**config)
     stage = StageConfig.model_validate(run.stage)
     o, p = stage.optim, stage.parallel
-    deepspeed.init_distributed(dist_backend="nccl" if p.use_gpu else "gloo")  # reuses Ray Train's group
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if p.use_gpu else torch.device("cpu")
-    dtype = torch.bfloat16 if p.use_gpu else torch.float32
-
     scratch = tempfile.mkdtemp(prefix="raylong-")
     init_dir = download_dir(run.init_dir, f"{scratch}/init")  # no-op for local storage
     tokenizer_dir = download_dir(run.tokenizer_dir, f"{scratch}/tokenizer")
-    attn = attention_for(stage.per_document_attention, p.use_gpu)
-    model = load_model(init_dir, stage, attn, dtype)
-    mpu = UlyssesSPAttentionHF.register_with_transformers(
-        model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=p.sp_size,
-        micro_batch_size=o.micro_batch_size, seq_length=stage.seq_len, seq_length_is_variable=True,
-    )
-    engine, _, scheduler = build_engine(model, stage, mpu)
-    sp_group = mpu.get_sequence_parallel_group() if mpu else None
 
-    loader = SequenceLoader(run.train_path, rank, world)
-    if mpu is not None:
-        loader = UlyssesSPDataLoaderAdapter(loader, mpu.get_sequence_parallel_rank(), sp_group, p.sp_size, device)
+    se = build_stage_engine(stage, init_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    loader = shard_loader(se, SequenceLoader(run.train_path, rank, world))
     batches = forever(loader)
-    grad_scale = sp_gradient_scale(p.sp_size, p.zero_stage)
     sink = MetricsSink(run.mlflow_run_id, rank)
-    start_step = restore_checkpoint(engine)
+    start_step = restore_checkpoint(se.engine)
     if rank == 0:
         print(
             f"[raylong] stage {stage.name}: {stage.kind} seq_len={stage.seq_len} SP={p.sp_size} x DP={stage.data_parallel_size} "
-            f"ZeRO-{p.zero_stage} attn={attn} rope={stage.rope.to_hf()} tokens/step={stage.tokens_per_step} "
-            f"steps={o.steps} (from {start_step}) sequences/rank={len(loader)}",
+            f"ZeRO-{p.zero_stage} attn={se.attn} rope={stage.rope.to_hf()} tokens/step={stage.tokens_per_step} "
+            f"steps={o.steps} (from {start_step}) micro-batches/epoch={len(loader)}",
             flush=True,
         )
 
-    engine.train()
+    se.engine.train()
     metrics: dict[str, float] = {}
     for step in range(start_step, o.steps):
         if run.fail_at_step == step and rank == 1 and start_step == 0:
@@ -187,26 +232,18 @@ def train_stage(config: dict) -> None:
         t0 = time.perf_counter()
         step_loss, learn_tokens = 0.0, 0
         for _ in range(o.grad_accum):
-            batch = next(batches)
-            targets = batch["shift_labels"] if "shift_labels" in batch else shift_labels(batch["labels"])
-            logits = engine(
-                input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), use_cache=False
-            ).logits
-            loss_sum, count = loss_sum_and_count(logits, targets.to(device))
-            loss, tokens = token_weighted_loss(loss_sum, count, sp_group)
-            engine.backward(loss * grad_scale)
-            engine.step()
-            step_loss += loss.item() / o.grad_accum
+            loss, tokens = micro_step(se, next(batches))
+            step_loss += loss / o.grad_accum
             learn_tokens += tokens
         step_time = time.perf_counter() - t0
         metrics = {
             "train/loss": step_loss,
-            "train/lr": scheduler.get_last_lr()[0],
-            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "train/lr": se.scheduler.get_last_lr()[0],
+            "train/grad_norm": float(se.engine.get_global_grad_norm() or 0.0),
             "train/tokens_per_s": stage.tokens_per_step / step_time,
             "train/learnable_tokens": learn_tokens,
             "train/step_time_s": step_time,
-            "train/peak_mem_mib": peak_memory_mib(device),
+            "train/peak_mem_mib": peak_memory_mib(se.device),
         }
         sink.log(metrics, step)
         if rank == 0:
@@ -214,11 +251,10 @@ def train_stage(config: dict) -> None:
                   f"{metrics['train/tokens_per_s']:.0f} tok/s {step_time:.2f}s", flush=True)
         done = step + 1
         if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < o.steps:
-            save_checkpoint(engine, done, {**metrics, "step": done}, rank)
+            save_checkpoint(se.engine, done, {**metrics, "step": done}, rank)
 
-    state_dict = consolidated_state_dict(engine, p.zero_stage)
+    state_dict = consolidated_state_dict(se.engine, p.zero_stage)
     if rank == 0:
-        save_export(engine.module, state_dict, tokenizer_dir, run.export_dir)
+        save_export(se.engine.module, state_dict, tokenizer_dir, run.export_dir)
     dist.barrier()
     ray.train.report({**metrics, "step": o.steps, "resumed_from_step": start_step})
-

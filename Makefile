@@ -1,0 +1,29 @@
+# `make demo` and `make test` create/update .venv themselves, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test test-quick bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# No GPU: take the local CPU wheel of torch first so the pinned range never pulls a CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	bash scripts/demo.sh
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-quick: venv
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tokenizer trained here, a tiny random Llama, a local Ray cluster on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sysconfig
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray process binds 127.0.0.1
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/raylong/torch_extensions"))
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    from raylong.data.tokenize import train_bpe_tokenizer
+
+    out = str(tmp_path_factory.mktemp("tokenizer"))
+    return train_bpe_tokenizer(f"{STDLIB}/*.py", 1024, out, max_files=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> str:
+    from raylong.config import ModelConfig
+    from raylong.train.model import init_random_model
+
+    out = str(tmp_path_factory.mktemp("tiny_model"))
+    return init_random_model(ModelConfig(init=TINY_LLAMA, seed=0), tokenizer_dir, out)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the session (2 CPUs, loopback), shut down at the end."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,97 @@
+"""Pure pieces of the train path: per-document attention, RoPE per stage, the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from raylong.config import OptimConfig, RopeConfig, StageConfig
+from raylong.train.attention import attention_for, document_spans
+from raylong.train.engine import lr_lambda
+from raylong.train.loss import loss_sum_and_count, shift_labels
+from raylong.train.model import load_model, rotary_inv_freq
+
+
+def stage(rope: dict | None = None, per_document: bool = True, seq_len: int = 256) -> StageConfig:
+    return StageConfig.model_validate({
+        "name": "s", "kind": "pretrain", "seq_len": seq_len, "rope": rope or {"type": "default", "theta": 10000},
+        "data": {"sources": [{"name": "x", "path": "/dev/null", "format": "text"}]},
+        "optim": {"steps": 10}, "parallel": {"num_workers": 1, "sp_size": 1},
+        "per_document_attention": per_document,
+    })
+
+
+def test_document_spans_from_position_restarts():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert document_spans(pos) == [(0, 3), (3, 5), (5, 9)]
+
+
+def per_token_losses(model, ids, pos, labels):
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    targets = shift_labels(labels)
+    return torch.nn.functional.cross_entropy(logits[0].float(), targets[0], ignore_index=-100, reduction="none")
+
+
+def test_packed_sequence_loss_equals_each_document_alone(tiny_model_dir):
+    rng = np.random.default_rng(0)
+    docs = [torch.from_numpy(rng.integers(3, 1000, n)) for n in (40, 70, 30)]
+    ids = torch.cat(docs).unsqueeze(0)
+    pos = torch.cat([torch.arange(len(d)) for d in docs]).unsqueeze(0)
+    labels = ids.clone()
+    labels[pos == 0] = -100
+    model = load_model(tiny_model_dir, stage(), attention_for(True, False), torch.float32)
+    packed = per_token_losses(model, ids, pos, labels)
+    alone, offset = [], 0
+    for d in docs:
+        lab = d.clone().unsqueeze(0)
+        lab[0, 0] = -100
+        alone.append(per_token_losses(model, d.unsqueeze(0), torch.arange(len(d)).unsqueeze(0), lab))
+    reference = torch.cat(alone)
+    mask = shift_labels(labels)[0] != -100
+    assert torch.allclose(packed[mask], reference[mask], atol=1e-5)
+
+    cross = load_model(tiny_model_dir, stage(per_document=False), attention_for(False, False), torch.float32)
+    crossed = per_token_losses(cross, ids, pos, labels)
+    first = slice(0, 39)  # the first document sees nothing before it: identical either way
+    assert torch.allclose(crossed[first], packed[first], atol=1e-5)
+    assert not torch.allclose(crossed[mask], packed[mask], atol=1e-3)  # later documents attend across
+
+
+def test_rotary_frequencies_follow_the_stage_rope(tiny_model_dir):
+    head_dim = 32 // 4
+    base = 123456.0
+    m = load_model(tiny_model_dir, stage({"type": "default", "theta": base}), attention_for(True, False), torch.float32)
+    expected = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    assert torch.allclose(rotary_inv_freq(m), expected, rtol=1e-6)
+    assert m.config.max_position_embeddings >= 256
+
+    yarn = {"type": "yarn", "theta": base, "factor": 4.0, "original_max_position_embeddings": 128}
+    y = load_model(tiny_model_dir, stage(yarn, seq_len=512), attention_for(True, False), torch.float32)
+    f = rotary_inv_freq(y)
+    # YaRN keeps the fastest frequency and divides the slowest by the factor
+    assert math.isclose(float(f[0]), float(expected[0]), rel_tol=1e-5)
+    assert math.isclose(float(f[-1]), float(expected[-1]) / 4.0, rel_tol=1e-5)
+    assert y.config.max_position_embeddings == 512
+
+    l3 = {"type": "llama3", "theta": base, "factor": 8.0, "original_max_position_embeddings": 128}
+    z = load_model(tiny_model_dir, stage(l3), attention_for(True, False), torch.float32)
+    g = rotary_inv_freq(z)
+    assert math.isclose(float(g[-1]), float(expected[-1]) / 8.0, rel_tol=1e-5)
+    assert math.isclose(float(g[0]), float(expected[0]), rel_tol=1e-5)
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    f = lr_lambda(OptimConfig(lr=1.0, steps=110, warmup_steps=10, min_lr_ratio=0.1))
+    assert f(0) == 0.1 and f(9) == 1.0
+    assert math.isclose(f(10), 1.0)
+    assert math.isclose(f(60), 0.55, rel_tol=1e-9)
+    assert math.isclose(f(110), 0.1) and math.isclose(f(500), 0.1)
+
+
+def test_loss_sum_counts_only_learnable_tokens():
+    logits = torch.zeros(1, 4, 10)
+    targets = torch.tensor([[1, -100, 2, -100]])
+    s, n = loss_sum_and_count(logits, targets)
+    assert int(n) == 2 and math.isclose(float(s), 2 * math.log(10), rel_tol=1e-6)

@@ -1,0 +1,144 @@
+"""A two-stage chain (pretrain -> SFT) through real Ray Data, Ray Train (2 workers, SP=2, ZeRO-3) and
+MLflow; the first attempt fails at the SFT stage's bad data, the rerun of the same pipeline id skips the
+finished pretraining stage and completes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from raylong.config import PipelineConfig
+from tests.conftest import STDLIB, TINY_LLAMA
+
+pytestmark = pytest.mark.slow
+
+
+def two_stage_recipe(tmp_path, tokenizer_dir: str, sft_file: str) -> PipelineConfig:
+    parallel = {"num_workers": 2, "sp_size": 2, "zero_stage": 3, "cpus_per_worker": 0.5}
+    return PipelineConfig.model_validate({
+        "name": "e2e",
+        "storage_path": str(tmp_path / "runs"),
+        "model": {"init": TINY_LLAMA, "seed": 0},
+        "tokenizer": {"path": tokenizer_dir},
+        "stages": [
+            {
+                "name": "cp_256", "kind": "pretrain", "seq_len": 256,
+                "rope": {"type": "default", "theta": 40000},
+                "data": {"sources": [{"name": "json_pkg", "path": f"{STDLIB}/json/*.py", "format": "text"}],
+                         "token_budget": 20000, "heldout_fraction": 0.1},
+                "optim": {"lr": 5e-3, "steps": 8, "warmup_steps": 1},
+                "parallel": parallel, "checkpoint_every": 4,
+            },
+            {
+                "name": "sft_512", "kind": "sft", "seq_len": 512,
+                "rope": {"type": "yarn", "theta": 40000, "factor": 2.0, "original_max_position_embeddings": 256},
+                "data": {"sources": [{"name": "chat", "path": sft_file, "format": "jsonl"}]},
+                "optim": {"lr": 5e-3, "steps": 8, "warmup_steps": 1},
+                "parallel": parallel,
+            },
+        ],
+    })
+
+
+def write_conversations(path: str, tokenizer_dir: str, n: int = 40) -> None:
+    from raylong.config import GenerateConfig
+    from raylong.data.synth import generate_conversations, write_jsonl
+    from raylong.data.tokenize import load_tokenizer
+
+    rows = generate_conversations(
+        GenerateConfig(task="passkey", num_examples=n, filler=f"{STDLIB}/json/*.py", context_tokens=[60, 120]),
+        load_tokenizer(tokenizer_dir),
+    )
+    write_jsonl(rows, path)
+
+
+@pytest.fixture(scope="module")
+def chain(ray_cluster, tokenizer_dir, tmp_path_factory):
+    """Run 1 fails on bad SFT data; run 2 (same pipeline id, data fixed) resumes. Returns what we saw."""
+    from raylong.data.prepare import DataError
+    from raylong.pipeline.runner import run_pipeline
+    from raylong.pipeline.tracking import Tracker
+
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    sft_file = str(tmp_path / "chat.jsonl")
+    with open(sft_file, "w") as f:
+        f.write('{"messages": [\n' * 5)  # malformed JSON lines: far over the error budget
+    cfg = two_stage_recipe(tmp_path, tokenizer_dir, sft_file)
+    with pytest.raises(DataError) as first_error:
+        run_pipeline(cfg, pipeline_id="e2e-1")
+    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    tracker = Tracker(tracking_uri)
+    parent = tracker.find_pipeline("e2e-1")
+    after_failure = [(r.stage, r.status) for r in tracker.stage_runs(parent)]
+    export_1 = f"{tmp_path}/runs/e2e-1/stages/cp_256/export/model.safetensors"
+    mtime_1 = os.path.getmtime(export_1)
+
+    write_conversations(sft_file, tokenizer_dir)
+    result = run_pipeline(cfg, pipeline_id="e2e-1")
+    return {
+        "cfg": cfg, "tracker": tracker, "parent": parent, "result": result, "first_error": str(first_error.value),
+        "after_failure": after_failure, "export_1_mtime": (mtime_1, os.path.getmtime(export_1)),
+    }
+
+
+def test_bad_sft_data_stops_the_chain_before_training(chain):
+    assert "records are bad" in chain["first_error"] and "chat.jsonl" in chain["first_error"]
+    assert chain["after_failure"] == [("cp_256", "FINISHED"), ("sft_512", "FAILED")]
+
+
+def test_rerun_skips_finished_stage_and_completes(chain):
+    result, tracker = chain["result"], chain["tracker"]
+    assert [(s.name, s.skipped) for s in result.stages] == [("cp_256", True), ("sft_512", False)]
+    before, after = chain["export_1_mtime"]
+    assert before == after, "the finished stage's export was rewritten"
+    runs = tracker.stage_runs(chain["parent"])
+    assert [(r.stage, r.status) for r in runs] == [("cp_256", "FINISHED"), ("sft_512", "FAILED"), ("sft_512", "FINISHED")]
+    assert tracker.client.get_run(chain["parent"]).info.status == "FINISHED"
+    assert result.parent_run_id == chain["parent"]
+
+
+def test_each_stage_starts_from_the_previous_export(chain):
+    from raylong.train.model import export_complete
+
+    tracker, cfg = chain["tracker"], chain["cfg"]
+    finished = {r.stage: r for r in tracker.stage_runs(chain["parent"]) if r.status == "FINISHED"}
+    base = export_complete(f"{cfg.storage_path}/e2e-1/assets/base_model")
+    assert finished["cp_256"].tags["init_checksum"] == base["checksum"]
+    assert finished["sft_512"].tags["init_checksum"] == finished["cp_256"].tags["export_checksum"]
+    assert finished["sft_512"].tags["init_from"] == finished["cp_256"].tags["checkpoint_uri"]
+
+
+def test_loss_curves_logged_and_falling(chain):
+    tracker = chain["tracker"]
+    for rec in tracker.stage_runs(chain["parent"]):
+        if rec.status != "FINISHED":
+            continue
+        losses = tracker.metric_history(rec.run_id, "train/loss")
+        assert len(losses) == 8, rec.stage
+        assert all(torch.isfinite(torch.tensor(losses)))
+        assert losses[-1] < losses[0], f"{rec.stage}: {losses}"
+        for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s"):
+            assert len(tracker.metric_history(rec.run_id, key)) == 8, key
+
+
+def test_exports_load_generate_and_carry_the_stage_rope(chain):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tracker, cfg = chain["tracker"], chain["cfg"]
+    for rec in tracker.stage_runs(chain["parent"]):
+        if rec.status != "FINISHED":
+            continue
+        stage = cfg.stage(rec.stage)
+        path = rec.tags["checkpoint_uri"]
+        with open(f"{path}/config.json") as f:
+            config = json.load(f)
+        assert config["rope_parameters"] == stage.rope.to_hf()
+        assert config["max_position_embeddings"] >= stage.seq_len
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        ids = tok("def main():", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + 6

@@ -1,0 +1,134 @@
+"""Ulysses SP=2 is exact: the loss and the applied SGD update equal a plain single-process SP=1
+computation, for every ZeRO stage raylong offers, on packed multi-document and SFT batches.
+
+Two gloo processes run the same code the Ray Train workers run (build_stage_engine, shard_loader,
+micro_step); the reference is a plain transformers forward/backward on the whole sequence.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.conftest import free_port
+
+ZERO_STAGES = (1, 2, 3)
+SEQ_LEN = 256
+LR = 0.5
+pytestmark = pytest.mark.slow
+
+
+def make_batches(vocab: int) -> dict[str, dict[str, torch.Tensor]]:
+    """A packed batch of 3 documents, and an SFT batch whose learnable tokens sit mostly in the second
+    half (so the two SP shards hold different numbers of them: 6 vs 50)."""
+    from raylong.data.packing import ConversationPacker, DocumentPacker
+
+    rng = np.random.default_rng(0)
+    packer = DocumentPacker(SEQ_LEN, pad_id=0)
+    seqs = []
+    for n in (100, 60, 96):
+        seqs += list(packer.add(rng.integers(3, vocab, n)))
+    packed = seqs[0]
+    ids = rng.integers(3, vocab, SEQ_LEN)
+    labels = np.full(SEQ_LEN, -100)
+    labels[120:126] = ids[120:126]
+    labels[180:230] = ids[180:230]
+    conv = ConversationPacker(SEQ_LEN, pad_id=0)
+    sft = list(conv.add(ids, labels)) + list(conv.finish())
+    as_t = lambda s: {k: torch.from_numpy(getattr(s, k).astype(np.int64)).unsqueeze(0)
+                      for k in ("input_ids", "position_ids", "labels")}
+    return {"packed": as_t(packed), "sft": as_t(sft[0])}
+
+
+def stage_for(zero: int, sp: int, workers: int):
+    from raylong.config import StageConfig
+
+    return StageConfig.model_validate({
+        "name": f"z{zero}", "kind": "pretrain", "seq_len": SEQ_LEN,
+        "data": {"sources": [{"name": "x", "path": "/dev/null", "format": "text"}]},
+        "optim": {"lr": LR, "steps": 1, "grad_clip": 0.0, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant"},
+        "parallel": {"num_workers": workers, "sp_size": sp, "zero_stage": zero},
+    })
+
+
+def _sp_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from transformers import AutoConfig
+
+    from raylong.train.engine import consolidated_state_dict
+    from raylong.train.loop import build_stage_engine, micro_step, shard_loader
+
+    batches = make_batches(AutoConfig.from_pretrained(model_dir).vocab_size)
+    results = {}
+    for zero in ZERO_STAGES:
+        for case, batch in batches.items():
+            se = build_stage_engine(stage_for(zero, sp=world, workers=world), model_dir, optimizer_cls=torch.optim.SGD)
+            shard = next(iter(shard_loader(se, [dict(batch)])))
+            loss, tokens = micro_step(se, shard)
+            state = consolidated_state_dict(se.engine, zero)
+            if rank == 0:
+                results[(zero, case)] = {"loss": loss, "tokens": tokens,
+                                         "params": {k: v.detach().clone() for k, v in state.items()}}
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "sp2.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def reference(model_dir: str, batch: dict[str, torch.Tensor]):
+    """Plain SP=1: whole sequence, token-mean loss, one SGD step by hand."""
+    from raylong.train.attention import attention_for
+    from raylong.train.loss import loss_sum_and_count, shift_labels
+    from raylong.train.model import load_model
+
+    stage = stage_for(3, sp=1, workers=1)
+    model = load_model(model_dir, stage, attention_for(True, False), torch.float32)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    loss_sum, count = loss_sum_and_count(logits, shift_labels(batch["labels"]))
+    loss = loss_sum / count
+    loss.backward()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    update = {k: -LR * p.grad for k, p in model.named_parameters()}
+    return loss.item(), int(count), before, update
+
+
+@pytest.fixture(scope="module")
+def sp2_results(tiny_model_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sp2"))
+    mp.start_processes(_sp_worker, args=(2, free_port(), tiny_model_dir, out), nprocs=2, join=True, start_method="spawn")
+    return torch.load(os.path.join(out, "sp2.pt"))
+
+
+@pytest.mark.parametrize("case", ["packed", "sft"])
+@pytest.mark.parametrize("zero", ZERO_STAGES)
+def test_sp2_update_equals_sp1(sp2_results, tiny_model_dir, zero, case):
+    from transformers import AutoConfig
+
+    batch = make_batches(AutoConfig.from_pretrained(tiny_model_dir).vocab_size)[case]
+    ref_loss, ref_tokens, before, ref_update = reference(tiny_model_dir, batch)
+    got = sp2_results[(zero, case)]
+    assert got["tokens"] == ref_tokens
+    assert abs(got["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (got["loss"], ref_loss)
+    num = sum(((got["params"][k] - before[k]) - ref_update[k]).pow(2).sum() for k in ref_update)
+    den = sum(u.pow(2).sum() for u in ref_update.values())
+    rel = float((num / den).sqrt())
+    assert rel <= 1e-5, f"ZeRO-{zero} {case}: SP=2 update differs from SP=1 by {rel:.3e} (relative)"
+
+
+def test_sft_batch_has_unequal_learnable_tokens_per_shard():
+    batch = make_batches(1000)["sft"]
+    from raylong.train.loss import shift_labels
+
+    targets = shift_labels(batch["labels"])[0]
+    half = SEQ_LEN // 2
+    first, second = int((targets[:half] != -100).sum()), int((targets[half:] != -100).sum())
+    assert first != second and first > 0 and second > 0
