@@ -12,6 +12,7 @@ import os
 import resource
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -203,6 +204,7 @@ def train_stage(config: dict) -> None:
     """Ray Train worker entry point."""
     import ray.train
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*|raylong.*")
     run = StageRun(**config)
     stage = StageConfig.model_validate(run.stage)
     o, p = stage.optim, stage.parallel
