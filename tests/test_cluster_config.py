@@ -1,0 +1,53 @@
+"""cluster.yaml passes Ray's autoscaler schema and validation; broken variants are caught."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from raylong.cluster import ClusterConfigError, load_cluster_config, validate_cluster_config
+
+
+@pytest.fixture
+def raw() -> dict:
+    with open("cluster.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_yaml_is_valid():
+    prepared = load_cluster_config("cluster.yaml")
+    types = prepared["available_node_types"]
+    assert types["head"]["resources"] == {"CPU": 0}
+    assert types["gpu_h100x8"]["resources"]["GPU"] == 8
+    assert types["gpu_h100x8"]["min_workers"] == 0 and types["cpu_data"]["min_workers"] == 0
+    assert any("[gpu]" in c for c in prepared["setup_commands"])
+
+
+def test_typo_in_a_key_is_caught(raw):
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["gpu_h100x8"]["max_worker"] = 8
+    with pytest.raises(ClusterConfigError, match="Additional properties are not allowed .'max_worker'"):
+        validate_cluster_config(bad)
+
+
+def test_fractional_gpu_count_is_caught(raw):
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["gpu_h100x8"]["resources"]["GPU"] = 7.5
+    with pytest.raises(ClusterConfigError, match="available_node_types.gpu_h100x8.resources.GPU: 7.5 is not of type 'integer'"):
+        validate_cluster_config(bad)
+
+
+def test_min_workers_above_max_workers_is_caught(raw):
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["cpu_data"]["min_workers"] = 5
+    with pytest.raises(ClusterConfigError, match=r"cpu_data: min_workers \(5\) must be <= max_workers \(4\)"):
+        validate_cluster_config(bad)
+
+
+def test_head_type_must_exist(raw):
+    bad = copy.deepcopy(raw)
+    bad["head_node_type"] = "nope"
+    with pytest.raises(ClusterConfigError, match="head_node_type"):
+        validate_cluster_config(bad)
