@@ -1,4 +1,4 @@
-"""`raylong run | report | validate` (the `ray job submit` entry point is jobs/pipeline.py)."""
+"""`raylong run | plan | report | compare | validate` (`ray job submit` runs jobs/pipeline.py = `run`)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--recipe", required=True)
     run.add_argument("--pipeline-id", default=None, help="rerun an id to skip its finished stages")
     run.add_argument("--storage-path", default=None, help="override the recipe's storage_path")
-    rep = sub.add_parser("report", help="per-stage table of a pipeline, read back from MLflow")
-    rep.add_argument("pipeline_id")
-    rep.add_argument("--storage-path", default="./runs")
+    run.add_argument("--ignore-plan", action="store_true", help="run GPU stages the memory planner rejects")
+    plan = sub.add_parser("plan", help="per-stage GPU memory, verdict, smallest SP that fits, step time")
+    plan.add_argument("recipe")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for step time")
+    for name, text in (("report", "per-stage table of a pipeline, read back from MLflow"),
+                       ("compare", "stage table + comparison figures, logged to the pipeline's parent run")):
+        rep = sub.add_parser(name, help=text)
+        rep.add_argument("pipeline_id")
+        rep.add_argument("--storage-path", default="./runs", help="where the default SQLite MLflow store lives")
     val = sub.add_parser("validate", help="load and check a recipe without running it")
     val.add_argument("recipe")
     args = parser.parse_args(argv)
@@ -30,24 +36,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name}: {s.kind} seq_len={s.seq_len} SP={s.parallel.sp_size} x DP={s.data_parallel_size} "
                   f"ZeRO-{s.parallel.zero_stage} steps={s.optim.steps} tokens/step={s.tokens_per_step}")
         return 0
+    if args.command == "plan":
+        from raylong.plan import format_plans
+
+        print(format_plans(load_recipe(args.recipe), args.mfu))
+        return 0
     if args.command == "run":
-        from raylong.pipeline.report import format_table, stage_rows
         from raylong.pipeline.runner import run_pipeline
-        from raylong.pipeline.tracking import Tracker
 
         overrides = {"storage_path": args.storage_path} if args.storage_path else None
         cfg = load_recipe(args.recipe, overrides)
-        result = run_pipeline(cfg, args.pipeline_id)
-        print(f"\n[raylong] pipeline {result.pipeline_id} finished; MLflow: {result.tracking_uri}\n")
-        print(format_table(stage_rows(Tracker(result.tracking_uri), result.pipeline_id)), flush=True)
+        result = run_pipeline(cfg, args.pipeline_id, check_plan=not args.ignore_plan)
+        print(f"\n[raylong] pipeline {result.pipeline_id} finished; MLflow: {result.tracking_uri}", flush=True)
         return 0
-    if args.command == "report":
-        from raylong.pipeline.report import format_table, stage_rows
+    if args.command in ("report", "compare"):
+        from raylong.pipeline.report import compare_pipeline, format_table, stage_rows
         from raylong.pipeline.tracking import Tracker, default_tracking_uri
         from raylong.storage import absolute
 
         tracker = Tracker(default_tracking_uri(absolute(args.storage_path)))
-        print(format_table(stage_rows(tracker, args.pipeline_id)))
+        if args.command == "compare":
+            compare_pipeline(tracker, args.pipeline_id)
+        else:
+            print(format_table(stage_rows(tracker, args.pipeline_id)))
         return 0
     return 2
 

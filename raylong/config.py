@@ -149,9 +149,28 @@ class OptimConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0)
 
 
+class MemoryConfig(_Strict):
+    """ALST-style memory switches (each keeps the loss equal; see raylong/plan.py for what each saves)."""
+
+    activation_checkpointing: bool = False
+    offload_checkpoints: bool = Field(False, description="keep checkpointed hidden states in CPU memory")
+    tiled_mlp: bool = Field(False, description="run each MLP over sequence tiles (DeepSpeed TiledMLP)")
+    tiled_loss: bool = Field(False, description="logits + loss in sequence chunks; never the full [seq, vocab]")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer states (and fp32 grads) on the CPU")
+    offload_params: bool = Field(False, description="ZeRO-3 parameters on the CPU")
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self) -> MemoryConfig:
+        if self.offload_checkpoints and not self.activation_checkpointing:
+            raise ValueError("memory.offload_checkpoints needs memory.activation_checkpointing: true")
+        return self
+
+
 class ParallelConfig(_Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    gpu: Literal["H100-80GB", "H200-141GB", "A100-80GB", "A100-40GB", "L40S-48GB"] = Field(
+        "H100-80GB", description="GPU model the planner sizes for (see raylong/plan.py)")
     sp_size: int = Field(1, ge=1)
     zero_stage: Literal[1, 2, 3] = 3
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -166,6 +185,19 @@ class ParallelConfig(_Strict):
         return self
 
 
+class EvalConfig(_Strict):
+    """Evaluation run after the stage trains, by the same workers at the same SP degree."""
+
+    enabled: bool = True
+    filler: str | None = Field(None, description="glob of real text for passkey haystacks (None: no passkey)")
+    lengths: list[int] | None = Field(None, description="passkey context lengths (default: 3 log-spaced <= seq_len)")
+    depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    per_cell: int = Field(2, ge=1, description="passkey prompts per (length, depth)")
+    heldout_sequences: int = Field(4, ge=0, description="held-out packed sequences for loss by position")
+    short_len: int = Field(256, ge=16, description="short-context loss window (regression check)")
+    seed: int = 0
+
+
 class StageConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     kind: Literal["pretrain", "sft"]
@@ -175,8 +207,10 @@ class StageConfig(_Strict):
     data: DataConfig
     optim: OptimConfig
     parallel: ParallelConfig = ParallelConfig()
+    memory: MemoryConfig = MemoryConfig()
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
     per_document_attention: bool = True
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _seq_len_divisible(self) -> StageConfig:
@@ -186,6 +220,18 @@ class StageConfig(_Strict):
                 f"stage {self.name!r}: seq_len must be divisible by parallel.sp_size "
                 f"({self.seq_len} % {sp} != 0); pick seq_len a multiple of {sp}"
             )
+        if self.memory.offload_params and p_zero(self) != 3:
+            raise ValueError(f"stage {self.name!r}: memory.offload_params needs parallel.zero_stage: 3")
+        ev = self.eval
+        if ev.enabled:
+            if ev.short_len > self.seq_len or ev.short_len % sp:
+                raise ValueError(
+                    f"stage {self.name!r}: eval.short_len must be <= seq_len and divisible by sp_size "
+                    f"(short_len={ev.short_len}, seq_len={self.seq_len}, sp_size={sp})"
+                )
+            too_long = [n for n in ev.lengths or [] if n > self.seq_len]
+            if too_long:
+                raise ValueError(f"stage {self.name!r}: eval.lengths {too_long} exceed seq_len {self.seq_len}")
         return self
 
     @property
@@ -203,6 +249,8 @@ class PipelineConfig(_Strict):
     model: ModelConfig
     tokenizer: TokenizerConfig
     stages: list[StageConfig] = Field(..., min_length=1)
+    registered_model: str | None = Field(None, description="MLflow registered model for the last export "
+                                                           "(default: '<name>-final')")
 
     @field_validator("stages")
     @classmethod
@@ -236,6 +284,10 @@ class PipelineConfig(_Strict):
             if s.name == name:
                 return s
         raise KeyError(f"no stage named {name!r} (stages: {[s.name for s in self.stages]})")
+
+
+def p_zero(stage: StageConfig) -> int:
+    return stage.parallel.zero_stage
 
 
 def check_heads_divisible(cfg: PipelineConfig, num_attention_heads: int) -> None:

@@ -26,6 +26,12 @@ def local_path(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
+def for_users(uri: str) -> str:
+    """How a location is shown and recorded: a plain path for local storage (what from_pretrained
+    takes), the URI itself for object stores."""
+    return local_path(uri) if is_local(uri) else uri
+
+
 def exists(uri: str) -> bool:
     fs, path = fs_path(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -1,6 +1,7 @@
 """A two-stage chain (pretrain -> SFT) through real Ray Data, Ray Train (2 workers, SP=2, ZeRO-3) and
-MLflow; the first attempt fails at the SFT stage's bad data, the rerun of the same pipeline id skips the
-finished pretraining stage and completes."""
+MLflow, with storage addressed as a file:// URI (the object-store code path); the first attempt fails at
+the SFT stage's bad data, the rerun of the same pipeline id skips the finished pretraining stage and
+completes, evaluates each stage, compares them and registers the final export."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def two_stage_recipe(tmp_path, tokenizer_dir: str, sft_file: str) -> PipelineCon
     parallel = {"num_workers": 2, "sp_size": 2, "zero_stage": 3, "cpus_per_worker": 0.5}
     return PipelineConfig.model_validate({
         "name": "e2e",
-        "storage_path": str(tmp_path / "runs"),
+        "storage_path": f"file://{tmp_path}/runs",
         "model": {"init": TINY_LLAMA, "seed": 0},
         "tokenizer": {"path": tokenizer_dir},
         "stages": [
@@ -35,9 +36,11 @@ def two_stage_recipe(tmp_path, tokenizer_dir: str, sft_file: str) -> PipelineCon
             {
                 "name": "sft_512", "kind": "sft", "seq_len": 512,
                 "rope": {"type": "yarn", "theta": 40000, "factor": 2.0, "original_max_position_embeddings": 256},
-                "data": {"sources": [{"name": "chat", "path": sft_file, "format": "jsonl"}]},
+                "data": {"sources": [{"name": "chat", "path": sft_file, "format": "jsonl"}], "heldout_fraction": 0.2},
                 "optim": {"lr": 5e-3, "steps": 8, "warmup_steps": 1},
                 "parallel": parallel,
+                "eval": {"filler": f"{STDLIB}/json/*.py", "lengths": [256, 512], "depths": [0.0, 1.0],
+                         "per_cell": 1, "short_len": 128},
             },
         ],
     })
@@ -106,6 +109,7 @@ def test_each_stage_starts_from_the_previous_export(chain):
     tracker, cfg = chain["tracker"], chain["cfg"]
     finished = {r.stage: r for r in tracker.stage_runs(chain["parent"]) if r.status == "FINISHED"}
     base = export_complete(f"{cfg.storage_path}/e2e-1/assets/base_model")
+    assert base is not None
     assert finished["cp_256"].tags["init_checksum"] == base["checksum"]
     assert finished["sft_512"].tags["init_checksum"] == finished["cp_256"].tags["export_checksum"]
     assert finished["sft_512"].tags["init_from"] == finished["cp_256"].tags["checkpoint_uri"]
@@ -142,3 +146,33 @@ def test_exports_load_generate_and_carry_the_stage_rope(chain):
         ids = tok("def main():", return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
         assert out.shape[1] == ids.shape[1] + 6
+
+
+def test_each_stage_is_evaluated_and_compared(chain):
+    tracker = chain["tracker"]
+    finished = {r.stage: r for r in tracker.stage_runs(chain["parent"]) if r.status == "FINISHED"}
+    cp = tracker.client.get_run(finished["cp_256"].run_id).data.metrics
+    sft = tracker.client.get_run(finished["sft_512"].run_id).data.metrics
+    assert {"eval/heldout_loss", "eval/short_loss", "eval/loss_pos_0-64", "eval/loss_pos_128-256"} <= set(cp)
+    assert 0.0 <= sft["eval/passkey_acc/256"] <= 1.0 and 0.0 <= sft["eval/passkey_acc/512"] <= 1.0
+    assert "eval/heldout_loss" in sft and any(k.startswith("eval/loss_pos_") for k in sft)
+    arts = {a.path for a in tracker.client.list_artifacts(finished["sft_512"].run_id, "eval")}
+    assert {"eval/eval.json", "eval/passkey_heatmap.png", "eval/loss_by_position.png"} <= arts
+    compare = {a.path for a in tracker.client.list_artifacts(chain["parent"], "compare")}
+    assert {"compare/stages.txt", "compare/loss_curves.png", "compare/loss_by_position.png",
+            "compare/passkey_heatmaps.png"} <= compare
+    table = tracker.client.download_artifacts(chain["parent"], "compare/stages.txt")
+    text = open(table).read()
+    assert "cp_256" in text and "sft_512" in text and "512:" in text
+
+
+def test_final_export_is_a_registered_model_version_that_loads(chain):
+    from transformers import AutoModelForCausalLM
+
+    tracker = chain["tracker"]
+    versions = tracker.client.search_model_versions("name = 'e2e-final'")
+    assert len(versions) == 1
+    v = versions[0]
+    assert v.tags["pipeline_id"] == "e2e-1" and v.tags["recipe"] == "e2e" and v.tags["stage"] == "sft_512"
+    model = AutoModelForCausalLM.from_pretrained(v.source)
+    assert model.config.rope_parameters["rope_type"] == "yarn"

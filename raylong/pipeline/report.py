@@ -1,8 +1,15 @@
-"""Read a pipeline back from MLflow: one row per stage, printable as a table."""
+"""Read a pipeline back from MLflow: a table of stages x key metrics, and comparison figures."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+
 from raylong.pipeline.tracking import Tracker
+
+TABLE_COLUMNS = ["stage", "status", "seq_len", "steps", "first_loss", "last_loss", "heldout_loss", "short_loss",
+                 "passkey", "tokens_per_s", "wall_s", "checkpoint"]
 
 
 def stage_rows(tracker: Tracker, pipeline_id: str) -> list[dict]:
@@ -16,7 +23,10 @@ def stage_rows(tracker: Tracker, pipeline_id: str) -> list[dict]:
     rows = []
     for rec in sorted(latest.values(), key=lambda r: int(r.tags.get("stage_index", 0))):
         run = tracker.client.get_run(rec.run_id)
+        m = run.data.metrics
         losses = tracker.metric_history(rec.run_id, "train/loss")
+        passkey = {int(k.rsplit("/", 1)[1]): v for k, v in m.items() if k.startswith("eval/passkey_acc/")}
+        end = run.info.end_time or run.info.start_time
         rows.append({
             "stage": rec.stage,
             "status": rec.status,
@@ -24,21 +34,59 @@ def stage_rows(tracker: Tracker, pipeline_id: str) -> list[dict]:
             "steps": len(losses),
             "first_loss": losses[0] if losses else float("nan"),
             "last_loss": losses[-1] if losses else float("nan"),
-            "tokens_per_s": run.data.metrics.get("train/tokens_per_s", float("nan")),
+            "heldout_loss": m.get("eval/heldout_loss", float("nan")),
+            "short_loss": m.get("eval/short_loss", float("nan")),
+            "passkey": " ".join(f"{k}:{v:.2f}" for k, v in sorted(passkey.items())) or "-",
+            "passkey_by_length": passkey,
+            "tokens_per_s": m.get("train/tokens_per_s", float("nan")),
+            "wall_s": round((end - run.info.start_time) / 1000, 1),
             "checkpoint": rec.tags.get("checkpoint_uri", ""),
             "run_id": rec.run_id,
+            "losses": losses,
         })
     return rows
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    columns = columns or ["stage", "status", "seq_len", "steps", "first_loss", "last_loss", "tokens_per_s", "checkpoint"]
+    columns = columns or TABLE_COLUMNS
 
     def cell(v) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    table = [[c for c in columns]] + [[cell(r.get(c, "")) for c in columns] for r in rows]
+    table = [list(columns)] + [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def stage_eval(tracker: Tracker, run_id: str) -> dict | None:
+    """The stage's eval/eval.json artifact, if it has one."""
+    try:
+        path = tracker.client.download_artifacts(run_id, "eval/eval.json", tempfile.mkdtemp())
+    except Exception:
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def compare_pipeline(tracker: Tracker, pipeline_id: str, out_dir: str | None = None) -> str:
+    """Print the stage table; write it and the comparison PNGs as artifacts of the parent run."""
+    from raylong.eval.plots import loss_curves, passkey_heatmap, position_curve
+
+    rows = stage_rows(tracker, pipeline_id)
+    table = format_table(rows)
+    print(table, flush=True)
+    out_dir = out_dir or tempfile.mkdtemp(prefix="raylong-compare-")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "stages.txt"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out_dir, "stages.json"), "w") as f:
+        json.dump([{k: v for k, v in r.items() if k != "losses"} for r in rows], f, indent=2)
+    evals = {r["stage"]: stage_eval(tracker, r["run_id"]) for r in rows}
+    loss_curves({r["stage"]: r["losses"] for r in rows}, os.path.join(out_dir, "loss_curves.png"))
+    position_curve({s: e["loss_by_position"] for s, e in evals.items() if e}, os.path.join(out_dir, "loss_by_position.png"))
+    passkey_heatmap({s: e["passkey"] for s, e in evals.items() if e}, os.path.join(out_dir, "passkey_heatmaps.png"))
+    parent = tracker.find_pipeline(pipeline_id)
+    tracker.client.log_artifacts(parent, out_dir, "compare")
+    return table

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from raylong.config import PipelineConfig, StageConfig, check_heads_divisible
 from raylong.pipeline.tracking import Tracker, default_tracking_uri
-from raylong.storage import absolute, download_dir, exists, upload_dir
+from raylong.storage import absolute, download_dir, exists, for_users, upload_dir
 
 log = logging.getLogger("raylong.pipeline")
 
@@ -54,8 +54,9 @@ class PipelinePaths:
         return f"{self.root}/stages/{stage}/export"
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    """Checks that need no cluster: the model's heads vs every stage's SP degree, data paths exist."""
+def preflight(cfg: PipelineConfig, check_plan: bool = True) -> None:
+    """Checks that need no cluster: the model's heads vs every stage's SP degree, data paths exist, and
+    (GPU stages) the memory plan fits."""
     from raylong.data.prepare import DataError
     from raylong.data.sources import resolve_files
 
@@ -72,6 +73,10 @@ def preflight(cfg: PipelineConfig) -> None:
                     raise DataError(f"stage {stage.name!r}, source {src.name!r}: {exc}") from None
                 if not files:
                     raise DataError(f"stage {stage.name!r}, source {src.name!r}: no files match {src.path!r}")
+    if check_plan:
+        from raylong.plan import check_pipeline_fits
+
+        check_pipeline_fits(cfg)
 
 
 def ensure_tokenizer(cfg: PipelineConfig, paths: PipelinePaths) -> str:
@@ -115,12 +120,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
-def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_uri: str | None = None) -> PipelineResult:
+def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_uri: str | None = None,
+                 check_plan: bool = True) -> PipelineResult:
     from raylong.train.model import export_complete
 
     pipeline_id = pipeline_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = PipelinePaths(cfg.storage_path, pipeline_id)
-    preflight(cfg)
+    preflight(cfg, check_plan)
     tracking_uri = tracking_uri or default_tracking_uri(paths.storage)
     tracker = Tracker(tracking_uri, artifact_root=f"{paths.storage}/mlartifacts")
     parent = tracker.start_pipeline(pipeline_id, cfg.name, cfg.model_dump_json(indent=2))
@@ -148,11 +154,25 @@ def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_u
             outcome.seconds = time.time() - t0
             exports[stage.name] = outcome.export_uri
             result.stages.append(outcome)
+        finish_pipeline(tracker, cfg, pipeline_id, parent, result)
     except BaseException:
         tracker.end_pipeline(parent, "FAILED")
         raise
     tracker.end_pipeline(parent, "FINISHED")
     return result
+
+
+def finish_pipeline(tracker: Tracker, cfg: PipelineConfig, pipeline_id: str, parent: str, result: PipelineResult) -> None:
+    """Comparison across stages on the parent run; the last export becomes a registered model version."""
+    from raylong.pipeline.report import compare_pipeline
+
+    compare_pipeline(tracker, pipeline_id)
+    last = result.stages[-1]
+    name = cfg.registered_model or f"{cfg.name}-final"
+    version = tracker.register_export(name, for_users(last.export_uri), last.run_id,
+                                      {"pipeline_id": pipeline_id, "recipe": cfg.name, "stage": last.name})
+    tracker.set_tags(parent, {"registered_model": f"{name}/{version}"})
+    print(f"[raylong] registered {last.export_uri} as MLflow model {name} version {version}", flush=True)
 
 
 def run_stage(tracker: Tracker, parent: str, pipeline_id: str, index: int, stage: StageConfig, init_uri: str,
@@ -166,7 +186,7 @@ def run_stage(tracker: Tracker, parent: str, pipeline_id: str, index: int, stage
     init_manifest = export_complete(init_uri) if exists(init_uri) else None
     export_uri = paths.export(stage.name)
     run_id = tracker.start_stage(parent, pipeline_id, index, stage.model_dump(mode="json"), {
-        "init_from": init_uri,
+        "init_from": for_users(init_uri),
         "init_checksum": (init_manifest or {}).get("checksum", "n/a"),
     })
     print(f"[raylong] stage {index} {stage.name}: {stage.kind} at {stage.seq_len} tokens from {init_uri} "
@@ -181,12 +201,19 @@ def run_stage(tracker: Tracker, parent: str, pipeline_id: str, index: int, stage
                             f"{stage.parallel.num_workers} workers; every worker needs at least one")
         run = StageRun(stage=stage.model_dump(mode="json"), init_dir=init_uri, tokenizer_dir=tokenizer_uri,
                        train_path=data.train_path, export_dir=export_uri, mlflow_run_id=run_id)
+        if stage.eval.enabled:
+            from raylong.eval.build import build_eval_suite
+            from raylong.storage import write_text
+
+            run.eval_suite = f"{paths.root}/eval/{stage.name}.json"
+            run.heldout_path = data.heldout_path
+            write_text(run.eval_suite, build_eval_suite(stage, tokenizer_local).to_json())
         fit = run_training(stage, run, run_name=f"{pipeline_id}-{stage.name}", storage_path=paths.train)
         manifest = export_complete(export_uri)
         if manifest is None:
             raise RuntimeError(f"stage {stage.name}: training ended without a complete export at {export_uri}")
         tracker.set_tags(run_id, {
-            "checkpoint_uri": export_uri,
+            "checkpoint_uri": for_users(export_uri),
             "export_checksum": manifest["checksum"],
             "resumed_from_step": str((fit.metrics or {}).get("resumed_from_step", 0)),
         })

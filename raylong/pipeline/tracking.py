@@ -121,5 +121,29 @@ class Tracker:
     def end_stage(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    def register_export(self, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
+        """A new version of registered model `name` pointing at an HF export; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="raylong: final stage exports")
+        except MlflowException:
+            pass  # already registered
+        for mv in self.client.search_model_versions(f"name = '{name}'"):
+            if mv.run_id == run_id and mv.source == source:
+                return mv.version  # a resumed pipeline registers its export once
+        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        return mv.version
+
     def metric_history(self, run_id: str, key: str) -> list[float]:
         return [m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def log_run_outputs(run_id: str, metrics: dict[str, float], directory: str, artifact_path: str) -> None:
+    """From any process with MLFLOW_TRACKING_URI set: metrics + every file of `directory` as artifacts."""
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+    client.log_artifacts(run_id, directory, artifact_path)

@@ -43,6 +43,8 @@ class StageRun:
     export_dir: str
     mlflow_run_id: str | None = None
     fail_at_step: int | None = None  # fault injection for resume tests: rank 1 exits once at this step
+    eval_suite: str | None = None  # path of the EvalSuite JSON the driver built; None: no evaluation
+    heldout_path: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -258,5 +260,18 @@ def train_stage(config: dict) -> None:
     state_dict = consolidated_state_dict(se.engine, p.zero_stage)
     if rank == 0:
         save_export(se.engine.module, state_dict, tokenizer_dir, run.export_dir)
+    del state_dict
+    if run.eval_suite is not None:  # the exported weights, evaluated by the same SP-sharded workers
+        from raylong.eval.run import evaluate_in_workers, record
+        from raylong.data.tokenize import load_tokenizer
+
+        from raylong.storage import read_text
+
+        summary = evaluate_in_workers(se, read_text(run.eval_suite), run.heldout_path, stage.eval.heldout_sequences,
+                                      load_tokenizer(tokenizer_dir).pad_token_id)
+        if rank == 0:
+            record(summary, run.mlflow_run_id)
+            print(f"[raylong] {stage.name} eval: " + ", ".join(f"{k}={v:.3f}" for k, v in summary["metrics"].items()
+                                                               if "passkey" in k or "short" in k or "heldout" in k), flush=True)
     dist.barrier()
     ray.train.report({**metrics, "step": o.steps, "resumed_from_step": start_step})

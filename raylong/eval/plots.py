@@ -1,0 +1,65 @@
+"""PNG figures of evaluations: passkey heatmaps (length x depth), loss curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def passkey_heatmap(per_stage: dict[str, dict[str, dict[str, float]]], path: str) -> str:
+    """One panel per stage: rows = context length, columns = depth, colour = exact-match accuracy."""
+    stages = [s for s, grid in per_stage.items() if grid]
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(3.2 * max(1, len(stages)), 3), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        grid = per_stage[stage]
+        lengths = sorted(grid, key=int)
+        depths = sorted({d for row in grid.values() for d in row}, key=float)
+        acc = np.array([[grid[length].get(d, np.nan) for d in depths] for length in lengths])
+        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(depths)), [f"{float(d):.0%}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(lengths)), lengths, fontsize=7)
+        ax.set_xlabel("depth")
+        ax.set_ylabel("context tokens")
+        ax.set_title(stage, fontsize=9)
+    fig.suptitle("passkey exact match")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def position_curve(per_stage: dict[str, dict[str, float]], path: str) -> str:
+    """Mean held-out loss per position bucket (log-x), one line per stage."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for stage, buckets in per_stage.items():
+        if not buckets:
+            continue
+        mids = [(int(k.split("-")[0]) + int(k.split("-")[1])) / 2 for k in buckets]
+        ax.plot(mids, list(buckets.values()), marker="o", label=stage)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("held-out loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(per_stage: dict[str, list[float]], path: str) -> str:
+    """All stages' training loss on one figure, stages laid end to end."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    offset = 0
+    for stage, losses in per_stage.items():
+        ax.plot(range(offset, offset + len(losses)), losses, label=stage)
+        offset += len(losses)
+    ax.set_xlabel("step (chain)")
+    ax.set_ylabel("train loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

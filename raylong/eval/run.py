@@ -1,0 +1,155 @@
+"""Run an EvalSuite: with a plain forward function (tests, single process) or inside the Ray Train
+workers right after training, through the stage's SP-sharded DeepSpeed engine (so a 1M-token eval runs
+wherever training ran)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from raylong.data.packing import IGNORE
+from raylong.eval.suite import EvalSuite, loss_by_position, pad_to_multiple, passkey_hit, summarize
+from raylong.train.loss import shift_labels
+
+# forward(input_ids [L], position_ids [L], labels [L]) -> (next-token loss [L], greedy next token [L])
+Forward = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def model_forward(model, multiple: int = 1) -> Forward:
+    """A Forward over a plain (unsharded) causal LM."""
+
+    def forward(ids, pos, labels):
+        with torch.no_grad():
+            logits = model(input_ids=torch.as_tensor(ids)[None], position_ids=torch.as_tensor(pos)[None],
+                           use_cache=False).logits[0].float()
+        targets = shift_labels(torch.as_tensor(labels)[None])[0]
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+        return loss.numpy(), logits.argmax(-1).numpy()
+
+    return forward
+
+
+def read_heldout(path: str, limit: int) -> list[dict[str, np.ndarray]]:
+    from raylong.storage import fs_path
+
+    fs, local = fs_path(path)
+    if not os.path.exists(local) and "://" not in path:
+        return []
+    rows = pq.read_table(fs.open_input_file(local)).slice(0, limit).to_pylist()
+    return [{k: np.asarray(v, dtype=np.int64) for k, v in r.items()} for r in rows]
+
+
+def score(forward: Forward, suite: EvalSuite, heldout: list[dict[str, np.ndarray]], pad_id: int, multiple: int = 1,
+          items: list[int] | None = None, heldout_ids: list[int] | None = None) -> dict:
+    """Raw results for a subset of the suite: per-item passkey hits, per-sequence losses."""
+    items = range(len(suite.passkey)) if items is None else items
+    heldout_ids = range(len(heldout)) if heldout_ids is None else heldout_ids
+    hits = {}
+    for i in items:
+        item = suite.passkey[i]
+        ids, pos = pad_to_multiple(item.input_ids, multiple, pad_id)
+        _, argmax = forward(ids, pos, np.full(len(ids), IGNORE))
+        hits[i] = passkey_hit(argmax, item)
+    losses, shorts = {}, {}
+    for j in heldout_ids:
+        row = heldout[j]
+        loss, _ = forward(row["input_ids"], row["position_ids"], row["labels"])
+        losses[j] = loss
+        n = suite.short_len
+        short, _ = forward(row["input_ids"][:n], np.arange(n), row["labels"][:n])
+        mask = shift_labels(torch.as_tensor(row["labels"][:n])[None])[0].numpy() != IGNORE
+        shorts[j] = (float(short[mask].sum()), int(mask.sum()))
+    return {"hits": hits, "losses": losses, "shorts": shorts}
+
+
+def combine(suite: EvalSuite, heldout: list[dict[str, np.ndarray]], parts: list[dict]) -> dict:
+    hits, losses, shorts = {}, {}, {}
+    for part in parts:
+        hits.update(part["hits"]), losses.update(part["losses"]), shorts.update(part["shorts"])
+    order = sorted(losses)
+    targets = [shift_labels(torch.as_tensor(heldout[j]["labels"])[None])[0].numpy() for j in order]
+    by_pos = loss_by_position([losses[j] for j in order], targets, suite.seq_len)
+    total = sum(float(losses[j][t != IGNORE].sum()) for j, t in zip(order, targets))
+    count = sum(int((t != IGNORE).sum()) for t in targets)
+    s_sum, s_n = sum(v[0] for v in shorts.values()), sum(v[1] for v in shorts.values())
+    return summarize(suite.stage, suite.seq_len, by_pos, total / count if count else None,
+                     s_sum / s_n if s_n else None, [(suite.passkey[i], h) for i, h in sorted(hits.items())])
+
+
+def evaluate(forward: Forward, suite: EvalSuite, heldout: list[dict[str, np.ndarray]], pad_id: int) -> dict:
+    """Single-process evaluation."""
+    return combine(suite, heldout, [score(forward, suite, heldout, pad_id)])
+
+
+# ------------------------------------------------------------------------------ inside Ray Train
+def sharded_forward(se) -> Forward:
+    """Forward through the stage's engine: every SP rank runs its slice, results are all-gathered."""
+    import torch.distributed as dist
+
+    sp = se.stage.parallel.sp_size
+
+    def forward(ids, pos, labels):
+        n = len(ids)
+        chunk = n // sp
+        part = slice(se.sp_rank * chunk, (se.sp_rank + 1) * chunk)
+        targets = shift_labels(torch.as_tensor(labels)[None])[0]
+        with torch.no_grad():
+            logits = se.engine(input_ids=torch.as_tensor(ids[part])[None].to(se.device),
+                               position_ids=torch.as_tensor(pos[part])[None].to(se.device), use_cache=False).logits[0]
+        loss = F.cross_entropy(logits.float(), targets[part].to(se.device), ignore_index=IGNORE, reduction="none")
+        argmax = logits.argmax(-1)
+        if sp > 1:
+            loss_parts = [torch.empty_like(loss) for _ in range(sp)]
+            arg_parts = [torch.empty_like(argmax) for _ in range(sp)]
+            dist.all_gather(loss_parts, loss, group=se.sp_group)
+            dist.all_gather(arg_parts, argmax, group=se.sp_group)
+            loss, argmax = torch.cat(loss_parts), torch.cat(arg_parts)
+        return loss.cpu().numpy(), argmax.cpu().numpy()
+
+    return forward
+
+
+def evaluate_in_workers(se, suite_json: str, heldout_path: str, max_heldout: int, pad_id: int) -> dict | None:
+    """Collective over the worker group; each DP group scores its share; rank 0 returns the summary."""
+    import torch.distributed as dist
+
+    suite = EvalSuite.from_json(suite_json)
+    heldout = read_heldout(heldout_path, max_heldout)
+    sp = se.stage.parallel.sp_size
+    if suite.short_len % sp:
+        raise ValueError(f"eval short_len {suite.short_len} must be divisible by sp_size {sp}")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp_rank, dp = rank // sp, world // sp
+    se.engine.eval()
+    part = score(sharded_forward(se), suite, heldout, pad_id, multiple=sp,
+                 items=list(range(dp_rank, len(suite.passkey), dp)), heldout_ids=list(range(dp_rank, len(heldout), dp)))
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part if se.sp_rank == 0 else None)
+    se.engine.train()
+    if rank != 0:
+        return None
+    return combine(suite, heldout, [p for p in parts if p is not None])
+
+
+def record(summary: dict, run_id: str | None, out_dir: str | None = None) -> str:
+    """Write eval.json + PNGs; log metrics and artifacts to the stage's MLflow run."""
+    from raylong.eval.plots import passkey_heatmap, position_curve
+
+    out_dir = out_dir or tempfile.mkdtemp(prefix="raylong-eval-")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    passkey_heatmap({summary["stage"]: summary["passkey"]}, os.path.join(out_dir, "passkey_heatmap.png"))
+    position_curve({summary["stage"]: summary["loss_by_position"]}, os.path.join(out_dir, "loss_by_position.png"))
+    if run_id:
+        from raylong.pipeline.tracking import log_run_outputs
+
+        log_run_outputs(run_id, summary["metrics"], out_dir, "eval")
+    return out_dir
