@@ -53,7 +53,23 @@ def test_heads_not_divisible_by_sp():
     raw = tiny_raw()
     raw["stages"][0]["parallel"].update(sp_size=3, num_workers=3)
     raw["stages"][0]["seq_len"] = 3072
+    raw["stages"][0]["eval"] = {"short_len": 240}
     expect_error(raw, "num_attention_heads must be divisible by parallel.sp_size", "4 % 3 != 0")
+
+
+def test_eval_window_must_fit_the_stage():
+    raw = tiny_raw()
+    raw["stages"][3]["eval"] = {"short_len": 512}
+    expect_error(raw, "eval.short_len must be <= seq_len and divisible by sp_size", "short_len=512, seq_len=256")
+    raw = tiny_raw()
+    raw["stages"][0]["eval"] = {"lengths": [1024, 4096]}
+    expect_error(raw, "eval.lengths [4096] exceed seq_len 2048")
+
+
+def test_checkpoint_offload_needs_checkpointing():
+    raw = tiny_raw()
+    raw["stages"][0]["memory"] = {"offload_checkpoints": True}
+    expect_error(raw, "memory.offload_checkpoints needs memory.activation_checkpointing: true")
 
 
 def test_workers_not_multiple_of_sp():
