@@ -156,6 +156,7 @@ class MemoryConfig(_Strict):
     offload_checkpoints: bool = Field(False, description="keep checkpointed hidden states in CPU memory")
     tiled_mlp: bool = Field(False, description="run each MLP over sequence tiles (DeepSpeed TiledMLP)")
     tiled_loss: bool = Field(False, description="logits + loss in sequence chunks; never the full [seq, vocab]")
+    loss_tile_tokens: int | None = Field(None, ge=1, description="tokens per loss tile (default: 256 MiB of fp32 logits)")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer states (and fp32 grads) on the CPU")
     offload_params: bool = Field(False, description="ZeRO-3 parameters on the CPU")
 

@@ -1,5 +1,7 @@
 """Ulysses SP=2 is exact: the loss and the applied SGD update equal a plain single-process SP=1
-computation, for every ZeRO stage raylong offers, on packed multi-document and SFT batches.
+computation, for every ZeRO stage raylong offers, on packed multi-document and SFT batches, with the
+memory switches off and on (checkpointing + CPU offload of checkpoints + TiledMLP + tiled logits/loss,
+and ZeRO-3 optimizer/parameter offload).
 
 Two gloo processes run the same code the Ray Train workers run (build_stage_engine, shard_loader,
 micro_step); the reference is a plain transformers forward/backward on the whole sequence.
@@ -17,6 +19,10 @@ import torch.multiprocessing as mp
 from tests.conftest import free_port
 
 ZERO_STAGES = (1, 2, 3)
+ALST = {"activation_checkpointing": True, "offload_checkpoints": True, "tiled_mlp": True, "tiled_loss": True,
+        "loss_tile_tokens": 48}
+VARIANTS = {"plain": {}, "alst": ALST}
+OFFLOAD = {**ALST, "offload_optimizer": True, "offload_params": True}  # ZeRO-3 only
 SEQ_LEN = 256
 LR = 0.5
 pytestmark = pytest.mark.slow
@@ -44,7 +50,7 @@ def make_batches(vocab: int) -> dict[str, dict[str, torch.Tensor]]:
     return {"packed": as_t(packed), "sft": as_t(sft[0])}
 
 
-def stage_for(zero: int, sp: int, workers: int):
+def stage_for(zero: int, sp: int, workers: int, memory: dict | None = None):
     from raylong.config import StageConfig
 
     return StageConfig.model_validate({
@@ -52,6 +58,7 @@ def stage_for(zero: int, sp: int, workers: int):
         "data": {"sources": [{"name": "x", "path": "/dev/null", "format": "text"}]},
         "optim": {"lr": LR, "steps": 1, "grad_clip": 0.0, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant"},
         "parallel": {"num_workers": workers, "sp_size": sp, "zero_stage": zero},
+        "memory": memory or {},
     })
 
 
@@ -68,16 +75,19 @@ def _sp_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -
     from raylong.train.loop import build_stage_engine, micro_step, shard_loader
 
     batches = make_batches(AutoConfig.from_pretrained(model_dir).vocab_size)
+    runs = [(zero, variant, memory) for zero in ZERO_STAGES for variant, memory in VARIANTS.items()]
+    runs.append((3, "offload", OFFLOAD))
     results = {}
-    for zero in ZERO_STAGES:
+    for zero, variant, memory in runs:
         for case, batch in batches.items():
-            se = build_stage_engine(stage_for(zero, sp=world, workers=world), model_dir, optimizer_cls=torch.optim.SGD)
+            stage = stage_for(zero, sp=world, workers=world, memory=memory)
+            se = build_stage_engine(stage, model_dir, optimizer_cls=torch.optim.SGD)
             shard = next(iter(shard_loader(se, [dict(batch)])))
             loss, tokens = micro_step(se, shard)
             state = consolidated_state_dict(se.engine, zero)
             if rank == 0:
-                results[(zero, case)] = {"loss": loss, "tokens": tokens,
-                                         "params": {k: v.detach().clone() for k, v in state.items()}}
+                results[(zero, variant, case)] = {"loss": loss, "tokens": tokens,
+                                                  "params": {k: v.detach().clone() for k, v in state.items()}}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "sp2.pt"))
     dist.barrier()
@@ -108,20 +118,23 @@ def sp2_results(tiny_model_dir, tmp_path_factory):
     return torch.load(os.path.join(out, "sp2.pt"))
 
 
+CASES = [(z, v) for z in ZERO_STAGES for v in VARIANTS] + [(3, "offload")]
+
+
 @pytest.mark.parametrize("case", ["packed", "sft"])
-@pytest.mark.parametrize("zero", ZERO_STAGES)
-def test_sp2_update_equals_sp1(sp2_results, tiny_model_dir, zero, case):
+@pytest.mark.parametrize("zero,variant", CASES, ids=[f"zero{z}-{v}" for z, v in CASES])
+def test_sp2_update_equals_sp1(sp2_results, tiny_model_dir, zero, variant, case):
     from transformers import AutoConfig
 
     batch = make_batches(AutoConfig.from_pretrained(tiny_model_dir).vocab_size)[case]
     ref_loss, ref_tokens, before, ref_update = reference(tiny_model_dir, batch)
-    got = sp2_results[(zero, case)]
+    got = sp2_results[(zero, variant, case)]
     assert got["tokens"] == ref_tokens
     assert abs(got["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (got["loss"], ref_loss)
     num = sum(((got["params"][k] - before[k]) - ref_update[k]).pow(2).sum() for k in ref_update)
     den = sum(u.pow(2).sum() for u in ref_update.values())
     rel = float((num / den).sqrt())
-    assert rel <= 1e-5, f"ZeRO-{zero} {case}: SP=2 update differs from SP=1 by {rel:.3e} (relative)"
+    assert rel <= 1e-5, f"ZeRO-{zero} {variant} {case}: SP=2 update differs from SP=1 by {rel:.3e} (relative)"
 
 
 def test_sft_batch_has_unequal_learnable_tokens_per_shard():

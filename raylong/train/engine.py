@@ -16,6 +16,11 @@ def deepspeed_config(stage: StageConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    mem = stage.memory
+    if mem.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": p.use_gpu}
+    if mem.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": p.use_gpu}
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": o.micro_batch_size,
         "gradient_accumulation_steps": o.grad_accum,
@@ -23,6 +28,7 @@ def deepspeed_config(stage: StageConfig) -> dict[str, Any]:
         "zero_optimization": zero,
         "sequence_parallel_size": p.sp_size,
         "zero_allow_untested_optimizer": True,  # a torch optimizer passed in (AdamW; SGD in tests)
+        "zero_force_ds_cpu_optimizer": False,  # ... also with optimizer offload (no CPU-Adam build)
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -7,6 +7,7 @@ End:   consolidated Hugging Face export, barrier.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -25,7 +26,8 @@ from raylong.config import StageConfig
 from raylong.storage import download_dir, fs_path
 from raylong.train.attention import attention_for, reset_sequence_parallel
 from raylong.train.engine import build_engine, consolidated_state_dict
-from raylong.train.loss import loss_sum_and_count, shift_labels, sp_gradient_scale, token_weighted_loss
+from raylong.train.loss import IGNORE, group_sum, loss_sum_and_count, shift_labels, sp_gradient_scale, token_weighted_loss
+from raylong.train.memory import enable_tiled_mlp, tiled_loss_objective
 from raylong.train.model import load_model, save_export
 
 CHECKPOINT_TAG = "state"
@@ -166,6 +168,10 @@ def build_stage_engine(stage: StageConfig, init_dir: str, optimizer_cls=None) ->
     dtype = torch.bfloat16 if p.use_gpu else torch.float32
     attn = attention_for(stage.per_document_attention, p.use_gpu)
     model = load_model(init_dir, stage, attn, dtype)
+    if stage.memory.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if stage.memory.tiled_mlp:
+        enable_tiled_mlp(model)
     reset_sequence_parallel()
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=p.sp_size,
@@ -190,15 +196,33 @@ def shard_loader(se: StageEngine, loader):
 def micro_step(se: StageEngine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """forward -> token-weighted loss over the SP group -> backward -> step (DeepSpeed applies the
     optimizer at the accumulation boundary). Returns (loss, learnable tokens of the whole sequence)."""
-    targets = batch["shift_labels"] if "shift_labels" in batch else shift_labels(batch["labels"])
-    logits = se.engine(
-        input_ids=batch["input_ids"].to(se.device), position_ids=batch["position_ids"].to(se.device), use_cache=False
-    ).logits
-    loss_sum, count = loss_sum_and_count(logits, targets.to(se.device))
-    loss, tokens = token_weighted_loss(loss_sum, count, se.sp_group)
-    se.engine.backward(loss * se.grad_scale)
+    mem = se.stage.memory
+    targets = (batch["shift_labels"] if "shift_labels" in batch else shift_labels(batch["labels"])).to(se.device)
+    inputs = {"input_ids": batch["input_ids"].to(se.device), "position_ids": batch["position_ids"].to(se.device),
+              "use_cache": False}
+    offload = torch.autograd.graph.save_on_cpu(pin_memory=se.device.type == "cuda") if mem.offload_checkpoints \
+        else contextlib.nullcontext()
+    if not mem.tiled_loss:
+        with offload:
+            logits = se.engine(**inputs).logits
+        loss_sum, count = loss_sum_and_count(logits, targets)
+        loss, tokens = token_weighted_loss(loss_sum, count, se.sp_group)
+        se.engine.backward(loss * se.grad_scale)
+        se.engine.step()
+        return loss.item(), tokens
+    with offload:
+        out = se.engine(**inputs, output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long))
+    hidden = out.hidden_states[-1]
+    del out  # drop the per-layer hidden states (with offload their CPU copies are what backward uses)
+    tokens = group_sum((targets != IGNORE).sum(), se.sp_group)
+    sp, gas = se.stage.parallel.sp_size, se.stage.optim.grad_accum
+    # the gradient the differentiable all_gather formulation gives each SP rank: sp / tokens per token loss
+    factor = sp * se.grad_scale / max(tokens, 1) / gas
+    objective = tiled_loss_objective(se.engine.module.lm_head, hidden, targets, factor, mem.loss_tile_tokens)
+    se.engine.backward(objective, scale_wrt_gas=False)
     se.engine.step()
-    return loss.item(), tokens
+    loss = group_sum(objective.detach(), se.sp_group, as_float=True) * gas / (sp * se.grad_scale)
+    return loss, tokens
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -41,6 +41,14 @@ def token_weighted_loss(loss_sum: torch.Tensor, count: torch.Tensor, sp_group=No
     return torch.stack(list(sums)).sum() / max(tokens, 1), tokens
 
 
+def group_sum(value: torch.Tensor, group=None, as_float: bool = False):
+    """Sum of a scalar over the SP group (no gradient): an int, or a float with as_float."""
+    value = value.detach().clone().double()
+    if group is not None:
+        dist.all_reduce(value, group=group)
+    return float(value) if as_float else int(value)
+
+
 def sp_gradient_scale(sp_size: int, zero_stage: int) -> float:
     """Factor on the loss so the applied gradient equals the SP=1 gradient.
 

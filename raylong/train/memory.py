@@ -1,0 +1,67 @@
+"""ALST memory switches applied to a model: TiledMLP and tiled logits+loss (DeepSpeed's autograd
+functions); activation checkpointing and its CPU offload are set up in the loop.
+
+Tiled logits+loss computes the lm_head and the cross-entropy one sequence tile at a time and runs each
+tile's backward inside the forward (DeepSpeed TiledFusedLogitsLoss), so the [seq, vocab] logits never
+exist. Because the lm_head gradient is produced there with an incoming gradient of 1, the objective it
+returns must be the exact quantity backpropagated: `tiled_loss_objective` folds the token-weighting,
+the SP factor and the gradient-accumulation factor into the per-tile loss, and the loop calls
+`engine.backward(objective, scale_wrt_gas=False)`.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MethodType
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE = -100
+LOSS_TILE_BYTES = 1 << 28  # fp32 logits per tile: 256 MiB
+
+
+def _agreed_max(value: int, device) -> int:
+    """All ranks must run the same number of tiles (ZeRO-3 gathers parameters per tile)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor(value, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _mlp(self, x):
+    return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _tiled_mlp_forward(self, x):
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    shards = _agreed_max(max(1, math.ceil(x.shape[-2] / x.shape[-1])), x.device)
+    params = [self.down_proj.weight, self.gate_proj.weight, self.up_proj.weight]
+    return TiledMLP.apply(_mlp, self, x, shards, params)
+
+
+def enable_tiled_mlp(model) -> int:
+    """Run every decoder layer's MLP over sequence tiles of `hidden_size` tokens; returns layers patched."""
+    layers = model.model.layers
+    for layer in layers:
+        layer.mlp.forward = MethodType(_tiled_mlp_forward, layer.mlp)
+    return len(layers)
+
+
+def tiled_loss_objective(lm_head, hidden: torch.Tensor, targets: torch.Tensor, factor: float,
+                         tile_tokens: int | None = None) -> torch.Tensor:
+    """factor * sum of token cross-entropies, computed tile by tile without materialising the logits."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    vocab = lm_head.weight.shape[0] if lm_head.weight.numel() else lm_head.out_features
+    tile = tile_tokens or max(1, LOSS_TILE_BYTES // (4 * vocab))
+    shards = _agreed_max(max(1, math.ceil(hidden.shape[1] / tile)), hidden.device)
+
+    def tile_loss(head, x, y):
+        logits = head(x).float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=IGNORE, reduction="sum") * factor
+
+    return TiledFusedLogitsLoss.apply(tile_loss, lm_head, hidden, targets, None, shards, [lm_head.weight], "sum")
