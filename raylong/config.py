@@ -117,9 +117,19 @@ class SourceConfig(_Strict):
         return self
 
 
+class LengthSampling(_Strict):
+    """Re-sample documents by length (UltraLong: keep fewer < 4K tokens, repeat those > 8K)."""
+
+    short_below: int = Field(4096, ge=1)
+    short_keep: float = Field(1.0, ge=0, le=1, description="probability of keeping a short document")
+    long_above: int = Field(8192, ge=1)
+    long_repeat: float = Field(1.0, ge=1, description="expected copies of a long document (fractions: by chance)")
+
+
 class DataConfig(_Strict):
     sources: list[SourceConfig] = Field(..., min_length=1)
     token_budget: int | None = Field(None, gt=0, description="tokens to pack for this stage (None: all)")
+    length_sampling: LengthSampling | None = None
     separator: Literal["eos", "none"] = "eos"
     tail_policy: Literal["pad", "drop"] = "pad"
     sft_overlong: Literal["truncate", "drop"] = "drop"

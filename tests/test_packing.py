@@ -97,3 +97,16 @@ def test_tail_policies_differ_only_in_the_last_sequence():
     assert len(a) == 2 and len(b) == 1
     assert pad.stats.tokens_padded == 14 and pad.stats.tokens_dropped == 0
     assert drop.stats.tokens_dropped == 18 and drop.stats.tokens_padded == 0
+
+
+def test_length_sampling_rates_and_determinism():
+    from raylong.data.packing import length_copies
+
+    args = dict(short_below=4096, short_keep=0.25, long_above=8192, long_repeat=2.5, seed=7)
+    short = [length_copies(100, f"f:{i}", **args) for i in range(4000)]
+    long_ = [length_copies(9000, f"f:{i}", **args) for i in range(4000)]
+    mid = {length_copies(5000, f"f:{i}", **args) for i in range(100)}
+    assert set(short) == {0, 1} and abs(sum(short) / 4000 - 0.25) < 0.03
+    assert set(long_) == {2, 3} and abs(sum(long_) / 4000 - 2.5) < 0.05
+    assert mid == {1}
+    assert short == [length_copies(100, f"f:{i}", **args) for i in range(4000)]  # same origin, same answer

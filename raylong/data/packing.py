@@ -195,3 +195,19 @@ class ConversationPacker:
     def finish(self) -> Iterator[Sequence]:
         if self._builder.length:
             yield self._builder.emit(self.stats)
+
+
+def length_copies(n_tokens: int, origin: str, short_below: int, short_keep: float, long_above: int,
+                  long_repeat: float, seed: int = 0) -> int:
+    """How many times a document of n_tokens enters the packer: 0/1 for short ones (kept with probability
+    short_keep), floor(long_repeat) plus one more with probability frac(long_repeat) for long ones, 1 else.
+    Deterministic per (seed, origin), so reruns and the cache agree."""
+    import hashlib
+
+    u = int.from_bytes(hashlib.blake2b(f"{seed}|{origin}".encode(), digest_size=8).digest(), "big") / 2**64
+    if n_tokens < short_below:
+        return int(u < short_keep)
+    if n_tokens > long_above:
+        whole = int(long_repeat)
+        return whole + int(u < long_repeat - whole)
+    return 1

@@ -27,7 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raylong.config import DataConfig, SourceConfig, StageConfig, config_hash
-from raylong.data.packing import ConversationPacker, DocumentPacker, PackStats
+from raylong.data.packing import ConversationPacker, DocumentPacker, PackStats, length_copies
+from raylong.storage import read_text, write_text
 from raylong.data.sources import BadRecord, ParsedFile, filesystem_and_path, parse_file, record_from_object, resolve_files
 
 log = logging.getLogger("raylong.data")
@@ -219,18 +220,6 @@ def cache_key(stage: StageConfig, files: dict[str, list[str]], tokenizer_dir: st
     return h.hexdigest()[:16]
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
-
-
-def _write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(obj, indent=2).encode())
-
-
 class _SequenceWriter:
     """Buffers packed sequences and writes them to Parquet in small row groups."""
 
@@ -269,7 +258,8 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, c
     directory = f"{data_root}/{stage.name}-{key}"
     fs, local = filesystem_and_path(directory)
     train_path, heldout_path = f"{local}/train.parquet", f"{local}/heldout.parquet"
-    done = _read_json(fs, f"{local}/{COMPLETE}")
+    marker = read_text(f"{directory}/{COMPLETE}")
+    done = json.loads(marker) if marker is not None else None
     if done is not None:
         log.info("data %s: reusing %s (%d sequences)", stage.name, directory, done["sequences_train"])
         return PreparedData(directory, train_path, heldout_path, done, cached=True)
@@ -288,6 +278,8 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, c
     total_w = sum(weights.values())
     budget = {n: (data.token_budget * w / total_w if data.token_budget else float("inf")) for n, w in weights.items()}
     over_budget = {n: 0 for n in weights}
+    resampled = {n: {"skipped_short": 0, "extra_long_copies": 0} for n in weights}
+    ls = data.length_sampling
     heldout_every = round(1 / data.heldout_fraction) if data.heldout_fraction > 0 else 0
     train_w = _SequenceWriter(fs, train_path, stage.seq_len)
     held_w = _SequenceWriter(fs, heldout_path, stage.seq_len)
@@ -315,8 +307,14 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, c
             if packer.stats.source(source).tokens_in >= budget[source]:
                 over_budget[source] += 1
                 continue
-            emit(packer.add(np.asarray(tokens, np.int32), np.asarray(labels, np.int32), source) if sft
-                 else packer.add(np.asarray(tokens, np.int32), source))
+            copies = 1 if ls is None else length_copies(len(tokens), origin, ls.short_below, ls.short_keep,
+                                                         ls.long_above, ls.long_repeat, data.seed)
+            if copies == 0:
+                resampled[source]["skipped_short"] += 1
+            resampled[source]["extra_long_copies"] += max(0, copies - 1)
+            ids, lab = np.asarray(tokens, np.int32), np.asarray(labels, np.int32)
+            for _ in range(copies):
+                emit(packer.add(ids, lab, source) if sft else packer.add(ids, source))
         if time.time() - last_log > 10:
             last_log = time.time()
             log.info("data %s: %d records, %.0f tokens/s", stage.name, records, packer.stats.tokens_in / (last_log - t0))
@@ -331,12 +329,14 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, c
     with fs.open_output_stream(f"{local}/bad_records.jsonl") as f:
         f.write("".join(json.dumps(b) + "\n" for b in bad).encode())
     report = build_report(stage, packer.stats, records, bad, over_budget, weights, train_w.count, held_w.count, elapsed)
+    for name, counts in resampled.items():
+        report["per_source"][name].update(counts)
     if isinstance(packer, ConversationPacker):
         report["conversations_truncated"] = packer.conversations_truncated
         report["conversations_dropped"] = packer.conversations_dropped
-    _write_json(fs, f"{local}/report.json", report)
+    write_text(f"{directory}/report.json", json.dumps(report, indent=2))
     check_report(stage, report, bad, directory)
-    _write_json(fs, f"{local}/{COMPLETE}", report)  # commit marker, last
+    write_text(f"{directory}/{COMPLETE}", json.dumps(report, indent=2))  # commit marker, last
     log.info(
         "data %s: %d tokens -> %d train + %d held-out sequences of %d in %.1fs (%.0f tokens/s)",
         stage.name, report["tokens_in"], train_w.count, held_w.count, stage.seq_len, elapsed, report["tokens_per_s"],

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raylong.config import SourceConfig, expand_path
+from raylong.storage import fs_path
 
 
 @dataclass
@@ -42,11 +43,8 @@ class ParsedFile:
 
 
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem for a local path or URI (file://, s3://, gs://)."""
-    uri = expand_path(uri)
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), uri
+    """A pyarrow filesystem for a recipe path or URI (file://, s3://, gs://), ${VARS} expanded."""
+    return fs_path(expand_path(uri))
 
 
 def resolve_files(path: str, fmt: str) -> list[str]:

@@ -88,7 +88,11 @@ def reset_sequence_parallel() -> None:
 
 
 def attention_for(per_document: bool, use_gpu: bool) -> str:
+    """flash_attention_2 (varlen from position_ids) on GPU when flash-attn is installed, else raylong's
+    sdpa-based functions (on GPU sdpa runs its own flash kernels per document)."""
+    import importlib.util
+
     register_attention()
-    if per_document and use_gpu:
+    if per_document and use_gpu and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return DOC_CAUSAL if per_document else CAUSAL

@@ -1,0 +1,86 @@
+"""Shared by the SP benchmarks: run a few training steps of a synthetic tiny Llama through raylong's own
+engine code (build_stage_engine + micro_step) in `world` gloo processes; report step times and the
+peak RSS of every rank. One fresh process group per measurement, so ru_maxrss is that run's peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+MODEL = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 1024, "tie_word_embeddings": False}
+ALST = {"activation_checkpointing": True, "offload_checkpoints": True, "tiled_mlp": True, "tiled_loss": True}
+
+
+def make_model_dir() -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tempfile.mkdtemp(prefix="raylong-bench-model-")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**MODEL)).save_pretrained(out)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, world, port, threads, model_dir, seq_len, steps, memory, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from raylong.config import StageConfig
+    from raylong.train.loop import build_stage_engine, micro_step, shard_loader
+
+    stage = StageConfig.model_validate({
+        "name": "bench", "kind": "pretrain", "seq_len": seq_len,
+        "data": {"sources": [{"name": "x", "path": "/dev/null", "format": "text"}]},
+        "optim": {"steps": steps, "lr": 1e-4}, "parallel": {"num_workers": world, "sp_size": world, "zero_stage": 3},
+        "memory": memory,
+    })
+    se = build_stage_engine(stage, model_dir)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, MODEL["vocab_size"], (1, seq_len), generator=g)
+    batch = {"input_ids": ids, "position_ids": torch.arange(seq_len)[None], "labels": ids.clone()}
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        shard = next(iter(shard_loader(se, [dict(batch)])))
+        dist.barrier()
+        t0 = time.perf_counter()
+        micro_step(se, shard)
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"step_times": times[1:], "peak_rss_mib": peak}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(model_dir: str, world: int, seq_len: int, steps: int = 1, memory: dict | None = None, cores: int = 2) -> dict:
+    """Mean step time and per-rank peak RSS. `cores` threads are split evenly over the ranks."""
+    out = tempfile.mkdtemp(prefix="raylong-bench-")
+    mp.start_processes(_rank, args=(world, _free_port(), max(1, cores // world), model_dir, seq_len, steps,
+                                    memory or {}, out), nprocs=world, join=True, start_method="spawn")
+    ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
+    times = ranks[0]["step_times"]
+    return {"step_s": sum(times) / len(times), "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks)}
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
