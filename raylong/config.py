@@ -205,7 +205,7 @@ class EvalConfig(_Strict):
     depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     per_cell: int = Field(2, ge=1, description="passkey prompts per (length, depth)")
     heldout_sequences: int = Field(4, ge=0, description="held-out packed sequences for loss by position")
-    short_len: int = Field(256, ge=16, description="short-context loss window (regression check)")
+    short_len: int | None = Field(None, ge=16, description="short-context loss window (default min(256, seq_len))")
     seed: int = 0
 
 
@@ -235,7 +235,7 @@ class StageConfig(_Strict):
             raise ValueError(f"stage {self.name!r}: memory.offload_params needs parallel.zero_stage: 3")
         ev = self.eval
         if ev.enabled:
-            if ev.short_len > self.seq_len or ev.short_len % sp:
+            if ev.short_len is not None and (ev.short_len > self.seq_len or ev.short_len % sp):
                 raise ValueError(
                     f"stage {self.name!r}: eval.short_len must be <= seq_len and divisible by sp_size "
                     f"(short_len={ev.short_len}, seq_len={self.seq_len}, sp_size={sp})"
@@ -244,6 +244,14 @@ class StageConfig(_Strict):
             if too_long:
                 raise ValueError(f"stage {self.name!r}: eval.lengths {too_long} exceed seq_len {self.seq_len}")
         return self
+
+    @property
+    def eval_short_len(self) -> int:
+        """The short-context window: as configured, else min(256, seq_len) rounded down to the SP degree."""
+        if self.eval.short_len is not None:
+            return self.eval.short_len
+        n = min(256, self.seq_len)
+        return n - n % self.parallel.sp_size
 
     @property
     def data_parallel_size(self) -> int:

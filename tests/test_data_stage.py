@@ -108,3 +108,28 @@ def test_cache_reused_and_incomplete_output_never_reused(ray_cluster, tokenizer_
     redo = prepare_stage_data(stage, tokenizer_dir, str(tmp_path / "out"))
     assert not redo.cached and redo.report["tokens_in"] == first.report["tokens_in"]
     assert os.path.exists(os.path.join(first.directory, COMPLETE))
+
+
+def test_parquet_source_and_mixture_shares(ray_cluster, tokenizer_dir, tmp_path):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"content": [f"def a{i}():\n    return {i}\n" * 20 for i in range(200)]}),
+                   tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"class B{i}:\n    pass\n" * 20}) + "\n"
+                                              for i in range(200)))
+    stage = StageConfig.model_validate({
+        "name": "mix", "kind": "pretrain", "seq_len": 128,
+        "data": {"sources": [{"name": "pq", "path": str(tmp_path / "a.parquet"), "format": "parquet",
+                              "text_field": "content", "weight": 3},
+                             {"name": "js", "path": f"file://{tmp_path}/b.jsonl", "format": "jsonl", "weight": 1}],
+                 "token_budget": 8000, "heldout_fraction": 0.2},
+        "optim": {"steps": 1}, "parallel": {"num_workers": 2, "sp_size": 2},
+    })
+    data = prepare_stage_data(stage, tokenizer_dir, str(tmp_path / "out"))
+    per = data.report["per_source"]
+    assert per["pq"]["share_requested"] == 0.75 and abs(per["pq"]["share_achieved"] - 0.75) < 0.05
+    assert per["pq"]["documents_over_budget"] > 0 and per["js"]["documents_over_budget"] > 0
+    train = {tuple(r["input_ids"]) for r in pq.read_table(data.train_path).to_pylist()}
+    held = {tuple(r["input_ids"]) for r in pq.read_table(data.heldout_path).to_pylist()}
+    assert held and train and not (train & held)  # evaluation never sees a training sequence
+    assert len(train) + len(held) == data.report["sequences_train"] + data.report["sequences_heldout"]

@@ -110,3 +110,34 @@ def test_length_sampling_rates_and_determinism():
     assert set(long_) == {2, 3} and abs(sum(long_) / 4000 - 2.5) < 0.05
     assert mid == {1}
     assert short == [length_copies(100, f"f:{i}", **args) for i in range(4000)]  # same origin, same answer
+
+
+def test_arrow_list_column_to_numpy_views():
+    import pyarrow as pa
+
+    from raylong.data.prepare import numpy_lists
+
+    a = pa.array([[1, 2], [3], [], [4, 5, 6]], type=pa.list_(pa.int32()))
+    assert [x.tolist() for x in numpy_lists(a.slice(1, 3))] == [[3], [], [4, 5, 6]]
+    chunked = pa.chunked_array([a.slice(0, 2), a.slice(3, 1)])
+    assert [x.tolist() for x in numpy_lists(chunked)] == [[1, 2], [3], [4, 5, 6]]
+
+
+def test_compressed_jsonl_and_text_parse_the_same(tmp_path):
+    import gzip
+    import json
+
+    import zstandard
+
+    from raylong.config import SourceConfig
+    from raylong.data.sources import parse_file
+
+    raw = ("\n".join(json.dumps({"body": f"doc {i}"}) for i in range(5)) + "\n").encode()
+    src = SourceConfig(name="s", path="x", format="jsonl", text_field="body")
+    plain = parse_file("a.jsonl", raw, src, sft=False)
+    gz = parse_file("a.jsonl.gz", gzip.compress(raw), src, sft=False)
+    zst = parse_file("a.jsonl.zst", zstandard.ZstdCompressor().compress(raw), src, sft=False)
+    assert [r.text for r in plain.records] == [r.text for r in gz.records] == [r.text for r in zst.records]
+    assert [r.text for r in plain.records] == [f"doc {i}" for i in range(5)]
+    broken = parse_file("b.jsonl.gz", b"not gzip", src, sft=False)
+    assert broken.records == [] and broken.bad[0].reason.startswith("cannot decompress")

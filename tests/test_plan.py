@@ -56,3 +56,16 @@ def test_stage_that_does_not_fit_is_refused_with_the_fix():
     msg = str(info.value)
     assert "stage 'cp_1m' does not fit" in msg and "80 GB on H100-80GB" in msg
     assert "turn on memory.tiled_loss" in msg and "--ignore-plan" in msg
+
+
+def test_pipeline_refuses_before_anything_starts(tmp_path):
+    from raylong.pipeline.runner import run_pipeline
+
+    with open("jobs/recipes/llama31_8b_1m.yaml") as f:
+        raw = yaml.safe_load(f)
+    raw["storage_path"] = str(tmp_path / "runs")
+    raw["stages"][5]["memory"] = {}
+    cfg = PipelineConfig.model_validate(raw)
+    with pytest.raises(PlanError, match="stage 'sft_1m' does not fit"):
+        run_pipeline(cfg, pipeline_id="refused")
+    assert not (tmp_path / "runs").exists()  # no MLflow store, no data, no cluster resources

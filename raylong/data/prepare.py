@@ -168,6 +168,14 @@ def tokenized_dataset(sources: dict[str, list[str]], data: DataConfig, tokenizer
     )
 
 
+def numpy_lists(column) -> list[np.ndarray]:
+    """A list<int32> Arrow column as numpy views (no Python ints): values sliced by offsets."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
+
+
 # ---------------------------------------------------------------------------------- the stage
 def materialize_generated_sources(data: DataConfig, tokenizer_dir: str, out_dir: str) -> dict[str, str]:
     """Write each `generate:` source to a JSONL file keyed by its config; returns {source: path}."""
@@ -296,10 +304,10 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, c
     t0 = last_log = time.time()
     ds = tokenized_dataset(files, data, tokenizer_dir, sft, cpus)
     for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
-        cols = batch.to_pydict()
-        for source, origin, tokens, labels, error in zip(
-            cols["source"], cols["origin"], cols["tokens"], cols["labels"], cols["error"]
-        ):
+        rows = zip(batch.column("source").to_pylist(), batch.column("origin").to_pylist(),
+                   numpy_lists(batch.column("tokens")), numpy_lists(batch.column("labels")),
+                   batch.column("error").to_pylist())
+        for source, origin, tokens, labels, error in rows:
             records += 1
             if error:
                 bad.append({"source": source, "origin": origin, "reason": error})
@@ -312,9 +320,8 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, c
             if copies == 0:
                 resampled[source]["skipped_short"] += 1
             resampled[source]["extra_long_copies"] += max(0, copies - 1)
-            ids, lab = np.asarray(tokens, np.int32), np.asarray(labels, np.int32)
             for _ in range(copies):
-                emit(packer.add(ids, lab, source) if sft else packer.add(ids, source))
+                emit(packer.add(tokens, labels, source) if sft else packer.add(tokens, source))
         if time.time() - last_log > 10:
             last_log = time.time()
             log.info("data %s: %d records, %.0f tokens/s", stage.name, records, packer.stats.tokens_in / (last_log - t0))

@@ -11,7 +11,7 @@ def build_eval_suite(stage: StageConfig, tokenizer_dir: str) -> EvalSuite:
     from raylong.data.tokenize import load_tokenizer
 
     ev = stage.eval
-    suite = EvalSuite(stage=stage.name, seq_len=stage.seq_len, short_len=ev.short_len)
+    suite = EvalSuite(stage=stage.name, seq_len=stage.seq_len, short_len=stage.eval_short_len)
     if ev.filler:
         tok = load_tokenizer(tokenizer_dir)
         hay = Haystack.from_glob(ev.filler, tok, seed=ev.seed)

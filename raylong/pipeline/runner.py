@@ -55,15 +55,15 @@ class PipelinePaths:
 
 
 def preflight(cfg: PipelineConfig, check_plan: bool = True) -> None:
-    """Checks that need no cluster: the model's heads vs every stage's SP degree, data paths exist, and
-    (GPU stages) the memory plan fits."""
+    """Checks that need no cluster, in order: the memory plan of every GPU stage, the model's attention
+    heads against every stage's SP degree, every data source exists."""
     from raylong.data.prepare import DataError
     from raylong.data.sources import resolve_files
+    from raylong.plan import check_pipeline_fits, stage_model_shape
 
-    if cfg.model.path is not None:
-        from transformers import AutoConfig
-
-        check_heads_divisible(cfg, AutoConfig.from_pretrained(cfg.model.path).num_attention_heads)
+    if check_plan:
+        check_pipeline_fits(cfg)
+    check_heads_divisible(cfg, stage_model_shape(cfg).heads)
     for stage in cfg.stages:
         for src in stage.data.sources:
             if src.path is not None:
@@ -73,10 +73,6 @@ def preflight(cfg: PipelineConfig, check_plan: bool = True) -> None:
                     raise DataError(f"stage {stage.name!r}, source {src.name!r}: {exc}") from None
                 if not files:
                     raise DataError(f"stage {stage.name!r}, source {src.name!r}: no files match {src.path!r}")
-    if check_plan:
-        from raylong.plan import check_pipeline_fits
-
-        check_pipeline_fits(cfg)
 
 
 def ensure_tokenizer(cfg: PipelineConfig, paths: PipelinePaths) -> str:

@@ -113,33 +113,63 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------- checkpoints
+# A checkpoint is complete when its MANIFEST.json exists: rank 0 writes it into storage only after every
+# rank's DeepSpeed shards are uploaded (report returns) and all ranks passed a barrier. Resume takes the
+# newest complete checkpoint in the run's storage directory, not only the one Ray Train's controller
+# registered: a worker killed right after reporting can take the newest registration down with it.
+def _checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
 def save_checkpoint(engine, step: int, metrics: dict, rank: int) -> None:
-    """DeepSpeed state of every rank -> one Ray Train checkpoint; rank 0 writes the manifest last."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"step": step})
-        if rank == 0:
-            with open(os.path.join(d, MANIFEST), "w") as f:
-                json.dump({"step": step, "tag": CHECKPOINT_TAG, "world_size": dist.get_world_size()}, f)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=_checkpoint_name(step))
+    dist.barrier()  # every rank's shards are in storage
+    if rank == 0:
+        storage = ray.train.get_context().get_storage()
+        path = storage.build_checkpoint_path_from_name(_checkpoint_name(step))
+        with storage.storage_filesystem.open_output_stream(f"{path}/{MANIFEST}") as f:
+            f.write(json.dumps({"step": step, "tag": CHECKPOINT_TAG, "world_size": dist.get_world_size()}).encode())
+    dist.barrier()
+
+
+def latest_complete_checkpoint():
+    """(step, ray.train.Checkpoint) of the newest checkpoint with a manifest, or None."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    best = None
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        name = info.path.rsplit("/", 1)[-1]
+        if info.type != pafs.FileType.Directory or not name.startswith("step_"):
+            continue
+        manifest = f"{info.path}/{MANIFEST}"
+        if fs.get_file_info(manifest).type != pafs.FileType.File:
+            continue  # incomplete: never loaded
+        with fs.open_input_stream(manifest) as f:
+            step = int(json.loads(f.read())["step"])
+        if best is None or step > best[0]:
+            best = (step, ray.train.Checkpoint(path=info.path, filesystem=fs))
+    return best
 
 
 def restore_checkpoint(engine) -> int:
-    """Load the latest complete checkpoint, if any; returns the step to continue from."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    """Load the newest complete checkpoint, if any; returns the step to continue from."""
+    found = latest_complete_checkpoint()
+    if found is None:
         return 0
+    step, ckpt = found
     with ckpt.as_directory() as d:
-        manifest_path = os.path.join(d, MANIFEST)
-        if not os.path.exists(manifest_path):
-            raise RuntimeError(f"checkpoint {d} has no {MANIFEST}: it is incomplete and will not be loaded")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        _, client_state = engine.load_checkpoint(d, tag=manifest["tag"])
-    return int(client_state["step"])
+        _, client_state = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+    if int(client_state["step"]) != step:
+        raise RuntimeError(f"checkpoint {ckpt.path}: manifest says step {step}, DeepSpeed state says {client_state['step']}")
+    return step
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -252,6 +282,13 @@ def train_stage(config: dict) -> None:
             flush=True,
         )
 
+    flops_per_step = 0.0
+    if p.use_gpu:  # MFU against the bf16 peak of the GPU model the stage names
+        from raylong.plan import GPU_PEAK_BF16_TFLOPS, ModelShape, flops_per_token
+
+        shape = ModelShape.from_hf_config(se.engine.module.config)
+        flops_per_step = stage.tokens_per_step * flops_per_token(shape, stage.seq_len, stage.memory.activation_checkpointing)
+        peak_flops = GPU_PEAK_BF16_TFLOPS[p.gpu] * 1e12 * world
     se.engine.train()
     metrics: dict[str, float] = {}
     for step in range(start_step, o.steps):
@@ -273,13 +310,15 @@ def train_stage(config: dict) -> None:
             "train/step_time_s": step_time,
             "train/peak_mem_mib": peak_memory_mib(se.device),
         }
+        if flops_per_step:
+            metrics["train/mfu"] = flops_per_step / step_time / peak_flops
         sink.log(metrics, step)
         if rank == 0:
             print(f"[raylong] {stage.name} step {step + 1}/{o.steps} loss {step_loss:.4f} "
                   f"{metrics['train/tokens_per_s']:.0f} tok/s {step_time:.2f}s", flush=True)
         done = step + 1
         if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < o.steps:
-            save_checkpoint(se.engine, done, {**metrics, "step": done}, rank)
+            save_checkpoint(se.engine, done, {**metrics, "step": done, "resumed_from_step": start_step}, rank)
 
     state_dict = consolidated_state_dict(se.engine, p.zero_stage)
     if rank == 0:
