@@ -16,7 +16,10 @@ import torch.multiprocessing as mp
 
 MODEL = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 1024, "tie_word_embeddings": False}
-ALST = {"activation_checkpointing": True, "offload_checkpoints": True, "tiled_mlp": True, "tiled_loss": True}
+# Loss tiles of 512 tokens: what the default tile (256 MiB of fp32 logits) gives for Llama-3.1's 128K
+# vocabulary; with this model's 4K vocabulary the default tile would span the whole sequence.
+ALST = {"activation_checkpointing": True, "offload_checkpoints": True, "tiled_mlp": True, "tiled_loss": True,
+        "loss_tile_tokens": 512}
 
 
 def make_model_dir() -> str:

@@ -157,6 +157,7 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0)
+    carry_optimizer_state: bool = Field(False, description="start from the previous stage's optimizer state (ProLong)")
 
 
 class MemoryConfig(_Strict):
@@ -165,6 +166,7 @@ class MemoryConfig(_Strict):
     activation_checkpointing: bool = False
     offload_checkpoints: bool = Field(False, description="keep checkpointed hidden states in CPU memory")
     tiled_mlp: bool = Field(False, description="run each MLP over sequence tiles (DeepSpeed TiledMLP)")
+    mlp_tile_tokens: int | None = Field(None, ge=1, description="tokens per MLP tile (default max(hidden, 1024))")
     tiled_loss: bool = Field(False, description="logits + loss in sequence chunks; never the full [seq, vocab]")
     loss_tile_tokens: int | None = Field(None, ge=1, description="tokens per loss tile (default: 256 MiB of fp32 logits)")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer states (and fp32 grads) on the CPU")
@@ -282,6 +284,17 @@ class PipelineConfig(_Strict):
                 raise ValueError(
                     f"stages[{i}].init_from={stage.init_from!r} must name an earlier stage (one of {seen or 'none'})"
                 )
+            if stage.optim.carry_optimizer_state:
+                source = stage.init_from or (stages[i - 1].name if i else None)
+                if source is None:
+                    raise ValueError(f"stages[{i}].optim.carry_optimizer_state: the first stage has no previous optimizer state")
+                prev = next(s for s in stages if s.name == source)
+                if (prev.parallel.num_workers, prev.parallel.zero_stage) != (stage.parallel.num_workers, stage.parallel.zero_stage):
+                    raise ValueError(
+                        f"stages[{i}].optim.carry_optimizer_state needs the same parallel.num_workers and zero_stage as "
+                        f"stage {source!r} (ZeRO partitions optimizer state by rank): "
+                        f"{(stage.parallel.num_workers, stage.parallel.zero_stage)} != {(prev.parallel.num_workers, prev.parallel.zero_stage)}"
+                    )
             seen.append(stage.name)
         return stages
 

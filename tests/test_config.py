@@ -127,3 +127,14 @@ def test_rope_to_hf_variants():
 
     y = RopeConfig(type="yarn", theta=5e5, factor=8, original_max_position_embeddings=131072).to_hf()
     assert y == {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0, "original_max_position_embeddings": 131072}
+
+
+def test_carrying_optimizer_state_needs_the_same_worker_layout():
+    raw = tiny_raw()
+    raw["stages"][1]["optim"]["carry_optimizer_state"] = True
+    PipelineConfig.model_validate(raw)  # same 2 workers, ZeRO-3: allowed
+    raw["stages"][1]["parallel"]["num_workers"] = 4
+    expect_error(raw, "carry_optimizer_state needs the same parallel.num_workers and zero_stage", "(4, 3) != (2, 3)")
+    raw = tiny_raw()
+    raw["stages"][0]["optim"]["carry_optimizer_state"] = True
+    expect_error(raw, "the first stage has no previous optimizer state")

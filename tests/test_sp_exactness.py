@@ -20,7 +20,7 @@ from tests.conftest import free_port
 
 ZERO_STAGES = (1, 2, 3)
 ALST = {"activation_checkpointing": True, "offload_checkpoints": True, "tiled_mlp": True, "tiled_loss": True,
-        "loss_tile_tokens": 48}
+        "loss_tile_tokens": 48, "mlp_tile_tokens": 40}  # several (uneven) tiles of the 128-token shards
 VARIANTS = {"plain": {}, "alst": ALST}
 OFFLOAD = {**ALST, "offload_optimizer": True, "offload_params": True}  # ZeRO-3 only
 SEQ_LEN = 256

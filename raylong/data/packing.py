@@ -47,6 +47,13 @@ class PackStats:
     def source(self, name: str) -> SourceStats:
         return self.per_source.setdefault(name, SourceStats())
 
+    def count_in(self, name: str, tokens: int) -> SourceStats:
+        """Record one document entering the packer."""
+        src = self.source(name)
+        src.documents += 1
+        src.tokens_in += tokens
+        return src
+
     @property
     def tokens_in(self) -> int:
         return sum(s.tokens_in for s in self.per_source.values())
@@ -136,9 +143,7 @@ class DocumentPacker:
         tokens = np.asarray(tokens, dtype=np.int32)
         if len(tokens) == 0:
             return
-        src = self.stats.source(source)
-        src.documents += 1
-        src.tokens_in += len(tokens)
+        self.stats.count_in(source, len(tokens))
         start = 0
         while start < len(tokens):
             take = min(self._builder.room, len(tokens) - start)
@@ -174,9 +179,7 @@ class ConversationPacker:
         labels = np.asarray(labels, dtype=np.int32)
         if len(tokens) == 0:
             return
-        src = self.stats.source(source)
-        src.documents += 1
-        src.tokens_in += len(tokens)
+        src = self.stats.count_in(source, len(tokens))
         seq_len = self.stats.seq_len
         if len(tokens) > seq_len:
             if self.overlong == "drop":

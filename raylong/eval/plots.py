@@ -31,6 +31,16 @@ def passkey_heatmap(per_stage: dict[str, dict[str, dict[str, float]]], path: str
     return path
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, path: str) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def position_curve(per_stage: dict[str, dict[str, float]], path: str) -> str:
     """Mean held-out loss per position bucket (log-x), one line per stage."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -40,13 +50,7 @@ def position_curve(per_stage: dict[str, dict[str, float]], path: str) -> str:
         mids = [(int(k.split("-")[0]) + int(k.split("-")[1])) / 2 for k in buckets]
         ax.plot(mids, list(buckets.values()), marker="o", label=stage)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("token position")
-    ax.set_ylabel("held-out loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "token position", "held-out loss", path)
 
 
 def loss_curves(per_stage: dict[str, list[float]], path: str) -> str:
@@ -56,10 +60,4 @@ def loss_curves(per_stage: dict[str, list[float]], path: str) -> str:
     for stage, losses in per_stage.items():
         ax.plot(range(offset, offset + len(losses)), losses, label=stage)
         offset += len(losses)
-    ax.set_xlabel("step (chain)")
-    ax.set_ylabel("train loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "step (chain)", "train loss", path)

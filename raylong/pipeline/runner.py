@@ -53,6 +53,9 @@ class PipelinePaths:
     def export(self, stage: str) -> str:
         return f"{self.root}/stages/{stage}/export"
 
+    def optimizer_state(self, stage: str) -> str:
+        return f"{self.root}/stages/{stage}/optimizer"
+
 
 def preflight(cfg: PipelineConfig, check_plan: bool = True) -> None:
     """Checks that need no cluster, in order: the memory plan of every GPU stage, the model's attention
@@ -146,7 +149,10 @@ def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_u
                 print(f"[raylong] stage {index} {stage.name}: FINISHED in run {done.run_id}, skipped", flush=True)
                 continue
             t0 = time.time()
-            outcome = run_stage(tracker, parent, pipeline_id, index, stage, init_uri, tokenizer_uri, tokenizer_local, paths)
+            carried = {cfg.init_stage_of(j) for j, s in enumerate(cfg.stages) if s.optim.carry_optimizer_state}
+            outcome = run_stage(tracker, parent, pipeline_id, index, stage, init_uri, tokenizer_uri, tokenizer_local, paths,
+                                save_optimizer=stage.name in carried,
+                                optimizer_from=paths.optimizer_state(init_stage) if stage.optim.carry_optimizer_state else None)
             outcome.seconds = time.time() - t0
             exports[stage.name] = outcome.export_uri
             result.stages.append(outcome)
@@ -172,7 +178,8 @@ def finish_pipeline(tracker: Tracker, cfg: PipelineConfig, pipeline_id: str, par
 
 
 def run_stage(tracker: Tracker, parent: str, pipeline_id: str, index: int, stage: StageConfig, init_uri: str,
-              tokenizer_uri: str, tokenizer_local: str, paths: PipelinePaths) -> StageOutcome:
+              tokenizer_uri: str, tokenizer_local: str, paths: PipelinePaths, save_optimizer: bool = False,
+              optimizer_from: str | None = None) -> StageOutcome:
     """data -> train -> export -> record, for one stage, inside its own child run."""
     from raylong.data.prepare import DataError, prepare_stage_data
     from raylong.train.launch import run_training
@@ -196,7 +203,9 @@ def run_stage(tracker: Tracker, parent: str, pipeline_id: str, index: int, stage
             raise DataError(f"stage {stage.name!r}: {data.train_sequences} training sequences for "
                             f"{stage.parallel.num_workers} workers; every worker needs at least one")
         run = StageRun(stage=stage.model_dump(mode="json"), init_dir=init_uri, tokenizer_dir=tokenizer_uri,
-                       train_path=data.train_path, export_dir=export_uri, mlflow_run_id=run_id)
+                       train_path=data.train_path, export_dir=export_uri, mlflow_run_id=run_id,
+                       save_optimizer_to=paths.optimizer_state(stage.name) if save_optimizer else None,
+                       optimizer_from=optimizer_from)
         if stage.eval.enabled:
             from raylong.eval.build import build_eval_suite
             from raylong.storage import write_text

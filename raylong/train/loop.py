@@ -2,7 +2,7 @@
 
 Setup: model with the stage's RoPE -> Ulysses SP registration -> DeepSpeed engine -> data -> resume.
 Step:  batch -> (SP shard) -> forward -> token-weighted loss -> backward -> step -> report.
-End:   consolidated Hugging Face export, barrier.
+End:   consolidated Hugging Face export, evaluation of it by the same workers, barrier.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class StageRun:
     fail_at_step: int | None = None  # fault injection for resume tests: rank 1 exits once at this step
     eval_suite: str | None = None  # path of the EvalSuite JSON the driver built; None: no evaluation
     heldout_path: str | None = None
+    save_optimizer_to: str | None = None  # a later stage carries this stage's optimizer state
+    optimizer_from: str | None = None  # this stage starts from that saved optimizer state
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -159,6 +161,32 @@ def latest_complete_checkpoint():
     return best
 
 
+OPTIMIZER_TAG = "final"
+
+
+def save_optimizer_state(engine, uri: str, rank: int) -> None:
+    """The final DeepSpeed state (optimizer included) for a later stage to carry; collective."""
+    from raylong.storage import upload_dir, write_text
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=OPTIMIZER_TAG)
+        upload_dir(d, uri)  # every rank adds its own shard files
+    dist.barrier()
+    if rank == 0:
+        write_text(f"{uri}/{MANIFEST}", json.dumps({"tag": OPTIMIZER_TAG, "world_size": dist.get_world_size()}))
+    dist.barrier()
+
+
+def load_optimizer_state(engine, uri: str) -> None:
+    """Optimizer moments from the previous stage; a fresh LR schedule for this one."""
+    from raylong.storage import download_dir, read_text
+
+    if read_text(f"{uri}/{MANIFEST}") is None:
+        raise RuntimeError(f"no complete optimizer state at {uri} to carry over")
+    local = download_dir(uri, tempfile.mkdtemp(prefix="raylong-optim-"))
+    engine.load_checkpoint(local, tag=OPTIMIZER_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
 def restore_checkpoint(engine) -> int:
     """Load the newest complete checkpoint, if any; returns the step to continue from."""
     found = latest_complete_checkpoint()
@@ -201,7 +229,7 @@ def build_stage_engine(stage: StageConfig, init_dir: str, optimizer_cls=None) ->
     if stage.memory.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stage.memory.tiled_mlp:
-        enable_tiled_mlp(model)
+        enable_tiled_mlp(model, stage.memory.mlp_tile_tokens)
     reset_sequence_parallel()
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=p.sp_size,
@@ -274,6 +302,8 @@ def train_stage(config: dict) -> None:
     batches = forever(loader)
     sink = MetricsSink(run.mlflow_run_id, rank)
     start_step = restore_checkpoint(se.engine)
+    if start_step == 0 and run.optimizer_from:
+        load_optimizer_state(se.engine, run.optimizer_from)
     if rank == 0:
         print(
             f"[raylong] stage {stage.name}: {stage.kind} seq_len={stage.seq_len} SP={p.sp_size} x DP={stage.data_parallel_size} "
@@ -324,6 +354,8 @@ def train_stage(config: dict) -> None:
     if rank == 0:
         save_export(se.engine.module, state_dict, tokenizer_dir, run.export_dir)
     del state_dict
+    if run.save_optimizer_to:
+        save_optimizer_state(se.engine, run.save_optimizer_to, rank)
     if run.eval_suite is not None:  # the exported weights, evaluated by the same SP-sharded workers
         from raylong.eval.run import evaluate_in_workers, record
         from raylong.data.tokenize import load_tokenizer

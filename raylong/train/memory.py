@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 IGNORE = -100
 LOSS_TILE_BYTES = 1 << 28  # fp32 logits per tile: 256 MiB
+MIN_MLP_TILE = 1024
 
 
 def _agreed_max(value: int, device) -> int:
@@ -38,15 +39,18 @@ def _mlp(self, x):
 def _tiled_mlp_forward(self, x):
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
-    shards = _agreed_max(max(1, math.ceil(x.shape[-2] / x.shape[-1])), x.device)
+    # ALST: tiles of hidden_size tokens; at least MIN_MLP_TILE so small models do not run tiny tiles
+    tile = self.raylong_tile_tokens or max(x.shape[-1], MIN_MLP_TILE)
+    shards = _agreed_max(max(1, math.ceil(x.shape[-2] / tile)), x.device)
     params = [self.down_proj.weight, self.gate_proj.weight, self.up_proj.weight]
     return TiledMLP.apply(_mlp, self, x, shards, params)
 
 
-def enable_tiled_mlp(model) -> int:
-    """Run every decoder layer's MLP over sequence tiles of `hidden_size` tokens; returns layers patched."""
+def enable_tiled_mlp(model, tile_tokens: int | None = None) -> int:
+    """Run every decoder layer's MLP over sequence tiles; returns the number of layers patched."""
     layers = model.model.layers
     for layer in layers:
+        layer.mlp.raylong_tile_tokens = tile_tokens
         layer.mlp.forward = MethodType(_tiled_mlp_forward, layer.mlp)
     return len(layers)
 
