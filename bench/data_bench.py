@@ -134,12 +134,16 @@ def main() -> None:
             t0 = time.perf_counter()
             data = prepare_stage_data(stage(corpus, args.seq_len), tok_dir, os.path.join(root, f"ray_{name}"))
             elapsed = time.perf_counter() - t0
-        results[name] = (data.report["tokens_in"], elapsed, mem.peak / 2**20)
+        results[name] = (data.report["tokens_in"], elapsed, mem.peak / 2**20, data.report["seconds_to_first_batch"])
         print(f"ray data {name}: {data.report['tokens_in']} tokens in {elapsed:.1f}s = "
-              f"{data.report['tokens_in'] / elapsed:,.0f} tokens/s, peak RSS (driver + Ray) {mem.peak / 2**20:.0f} MiB",
+              f"{data.report['tokens_in'] / elapsed:,.0f} tokens/s, first batch after {data.report['seconds_to_first_batch']}s, "
+              f"peak RSS (driver + Ray) {mem.peak / 2**20:.0f} MiB",
               flush=True)
     ray.shutdown()
-    ray_tokens, ray_s, peak1 = results["1x"]
+    ray_tokens, ray_s, peak1, first1 = results["1x"]
+    # steady rate and fixed cost from the two corpus sizes: seconds = fixed + tokens / rate
+    (t1, s1), (t4, s4) = results["1x"][:2], results["4x"][:2]
+    rate = (t4 - t1) / (s4 - s1)
     assert ray_tokens == plain_tokens, (ray_tokens, plain_tokens)
     print(json.dumps({
         "corpus_mb": round(bytes1 / 1e6, 1), "tokens": plain_tokens, "seq_len": args.seq_len,
@@ -148,6 +152,8 @@ def main() -> None:
         "peak_rss_mib_plain": round(plain_mem.peak / 2**20), "peak_rss_mib_1x": round(peak1),
         "peak_rss_mib_4x": round(results["4x"][2]), "peak_ratio_4x_1x": round(results["4x"][2] / peak1, 3),
         "ray_4x_tokens_per_s": round(results["4x"][0] / results["4x"][1]),
+        "ray_seconds_to_first_batch": first1, "ray_steady_tokens_per_s": round(rate),
+        "ray_fixed_cost_s": round(s1 - t1 / rate, 1), "steady_ratio": round(rate / (plain_tokens / plain_s), 3),
     }))
 
 

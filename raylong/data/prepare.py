@@ -303,7 +303,10 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, c
 
     t0 = last_log = time.time()
     ds = tokenized_dataset(files, data, tokenizer_dir, sft, cpus)
+    first_batch_s = None
     for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
+        if first_batch_s is None:  # the fixed cost: planning, actor start-up, tokenizer load, first block
+            first_batch_s = time.time() - t0
         rows = zip(batch.column("source").to_pylist(), batch.column("origin").to_pylist(),
                    numpy_lists(batch.column("tokens")), numpy_lists(batch.column("labels")),
                    batch.column("error").to_pylist())
@@ -338,6 +341,7 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, c
     report = build_report(stage, packer.stats, records, bad, over_budget, weights, train_w.count, held_w.count, elapsed)
     for name, counts in resampled.items():
         report["per_source"][name].update(counts)
+    report["seconds_to_first_batch"] = round(first_batch_s or elapsed, 2)
     if isinstance(packer, ConversationPacker):
         report["conversations_truncated"] = packer.conversations_truncated
         report["conversations_dropped"] = packer.conversations_dropped
