@@ -233,7 +233,7 @@ class StageConfig(_Strict):
                 f"stage {self.name!r}: seq_len must be divisible by parallel.sp_size "
                 f"({self.seq_len} % {sp} != 0); pick seq_len a multiple of {sp}"
             )
-        if self.memory.offload_params and p_zero(self) != 3:
+        if self.memory.offload_params and self.parallel.zero_stage != 3:
             raise ValueError(f"stage {self.name!r}: memory.offload_params needs parallel.zero_stage: 3")
         ev = self.eval
         if ev.enabled:
@@ -316,10 +316,6 @@ class PipelineConfig(_Strict):
             if s.name == name:
                 return s
         raise KeyError(f"no stage named {name!r} (stages: {[s.name for s in self.stages]})")
-
-
-def p_zero(stage: StageConfig) -> int:
-    return stage.parallel.zero_stage
 
 
 def check_heads_divisible(cfg: PipelineConfig, num_attention_heads: int) -> None:

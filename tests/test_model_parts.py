@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from raylong.config import OptimConfig, RopeConfig, StageConfig
+from raylong.config import OptimConfig, StageConfig
 from raylong.train.attention import attention_for, document_spans
 from raylong.train.engine import lr_lambda
 from raylong.train.loss import loss_sum_and_count, shift_labels
@@ -43,7 +43,7 @@ def test_packed_sequence_loss_equals_each_document_alone(tiny_model_dir):
     labels[pos == 0] = -100
     model = load_model(tiny_model_dir, stage(), attention_for(True, False), torch.float32)
     packed = per_token_losses(model, ids, pos, labels)
-    alone, offset = [], 0
+    alone = []
     for d in docs:
         lab = d.clone().unsqueeze(0)
         lab[0, 0] = -100

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -91,6 +90,3 @@ def rotary_inv_freq(model) -> torch.Tensor:
     """The inverse frequencies the model's rotary embedding actually uses."""
     return model.model.rotary_emb.inv_freq.detach().clone()
 
-
-def local_threads(cpus: float) -> None:
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", cpus) or 1)))
