@@ -28,7 +28,6 @@ class StageOutcome:
     run_id: str
     export_uri: str
     skipped: bool
-    seconds: float = 0.0
 
 
 @dataclass
@@ -106,7 +105,7 @@ def ensure_base_model(cfg: PipelineConfig, tokenizer_dir: str, paths: PipelinePa
     return paths.base_model
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray() -> None:
     """Join the cluster of a `ray job submit` (RAY_ADDRESS), else start a local one bound to loopback."""
     import ray
 
@@ -116,7 +115,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init()
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # GCS, raylet, workers on 127.0.0.1
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    ray.init(address="local", include_dashboard=False)
 
 
 def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_uri: str | None = None,
@@ -139,6 +138,7 @@ def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_u
         tokenizer_local = download_dir(tokenizer_uri, tempfile.mkdtemp(prefix="raylong-tok-"))
         base_uri = ensure_base_model(cfg, tokenizer_local, paths)
         exports: dict[str, str] = {}
+        carried = {cfg.init_stage_of(j) for j, s in enumerate(cfg.stages) if s.optim.carry_optimizer_state}
         for index, stage in enumerate(cfg.stages):
             init_stage = cfg.init_stage_of(index)
             init_uri = base_uri if init_stage is None else exports[init_stage]
@@ -148,12 +148,9 @@ def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_u
                 result.stages.append(StageOutcome(stage.name, done.run_id, exports[stage.name], skipped=True))
                 print(f"[raylong] stage {index} {stage.name}: FINISHED in run {done.run_id}, skipped", flush=True)
                 continue
-            t0 = time.time()
-            carried = {cfg.init_stage_of(j) for j, s in enumerate(cfg.stages) if s.optim.carry_optimizer_state}
             outcome = run_stage(tracker, parent, pipeline_id, index, stage, init_uri, tokenizer_uri, tokenizer_local, paths,
                                 save_optimizer=stage.name in carried,
                                 optimizer_from=paths.optimizer_state(init_stage) if stage.optim.carry_optimizer_state else None)
-            outcome.seconds = time.time() - t0
             exports[stage.name] = outcome.export_uri
             result.stages.append(outcome)
         finish_pipeline(tracker, cfg, pipeline_id, parent, result)
