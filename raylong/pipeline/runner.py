@@ -214,10 +214,12 @@ def run_stage(tracker: Tracker, parent: str, pipeline_id: str, index: int, stage
         manifest = export_complete(export_uri)
         if manifest is None:
             raise RuntimeError(f"stage {stage.name}: training ended without a complete export at {export_uri}")
+        fit_metrics = fit.metrics or {}
         tracker.set_tags(run_id, {
             "checkpoint_uri": for_users(export_uri),
             "export_checksum": manifest["checksum"],
-            "resumed_from_step": str((fit.metrics or {}).get("resumed_from_step", 0)),
+            "resumed_from_step": str(fit_metrics.get("resumed_from_step", 0)),
+            **({"skipped_checkpoints": fit_metrics["skipped_checkpoints"]} if fit_metrics.get("skipped_checkpoints") else {}),
         })
         tracker.end_stage(run_id, "FINISHED")
     except BaseException:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import resource
+import signal
 import tempfile
 import time
 import warnings
@@ -24,14 +25,13 @@ import torch.distributed as dist
 
 from raylong.config import StageConfig
 from raylong.storage import download_dir, fs_path
+from raylong.train.checkpoints import MANIFEST, restore_checkpoint, save_checkpoint
 from raylong.train.attention import attention_for, reset_sequence_parallel
 from raylong.train.engine import build_engine, consolidated_state_dict
 from raylong.train.loss import IGNORE, group_sum, loss_sum_and_count, shift_labels, sp_gradient_scale, token_weighted_loss
 from raylong.train.memory import enable_tiled_mlp, tiled_loss_objective
 from raylong.train.model import load_model, save_export
 
-CHECKPOINT_TAG = "state"
-MANIFEST = "MANIFEST.json"
 
 
 @dataclass
@@ -44,7 +44,7 @@ class StageRun:
     train_path: str
     export_dir: str
     mlflow_run_id: str | None = None
-    fail_at_step: int | None = None  # fault injection for resume tests: rank 1 exits once at this step
+    fail_at_step: int | None = None  # fault injection for resume tests: rank 1 is SIGKILLed once at this step
     eval_suite: str | None = None  # path of the EvalSuite JSON the driver built; None: no evaluation
     heldout_path: str | None = None
     save_optimizer_to: str | None = None  # a later stage carries this stage's optimizer state
@@ -54,9 +54,10 @@ class StageRun:
 # ------------------------------------------------------------------------------------------ data
 class SequenceLoader:
     """The packed sequences of this rank: rows rank, rank+world, ... of the Parquet file, the same
-    count on every rank (SP ranks must run the same number of micro-steps or they hang)."""
+    count on every rank (SP ranks must run the same number of micro-steps or they hang). The first
+    pass starts at `start` (a resumed stage continues where the data order left off)."""
 
-    def __init__(self, path: str, rank: int, world: int):
+    def __init__(self, path: str, rank: int, world: int, start: int = 0):
         fs, local = fs_path(path)
         self.file = pq.ParquetFile(fs.open_input_file(local))
         total = self.file.metadata.num_rows
@@ -64,22 +65,36 @@ class SequenceLoader:
         if self.per_rank == 0:
             raise ValueError(f"{path} has {total} sequences, fewer than the {world} workers")
         self.rank, self.world = rank, world
+        self.start = start % self.per_rank
 
     def __len__(self) -> int:
         return self.per_rank
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        skip, self.start = self.start, 0  # only the first pass is offset
         index, emitted = 0, 0
         for g in range(self.file.num_row_groups):
             table = self.file.read_row_group(g)
             for row in range(table.num_rows):
                 if index % self.world == self.rank and emitted < self.per_rank:
                     emitted += 1
-                    yield {
-                        k: torch.from_numpy(np.asarray(table[k][row].as_py(), dtype=np.int64)).unsqueeze(0)
-                        for k in ("input_ids", "position_ids", "labels")
-                    }
+                    if emitted > skip:
+                        yield {
+                            k: torch.from_numpy(np.asarray(table[k][row].as_py(), dtype=np.int64)).unsqueeze(0)
+                            for k in ("input_ids", "position_ids", "labels")
+                        }
                 index += 1
+
+
+def resumed_batches(se: "StageEngine", path: str, rank: int, world: int, micro_steps_done: int):
+    """Micro-batches in the same order an uninterrupted run sees them, after `micro_steps_done`.
+    At SP > 1 each loader row feeds sp micro-steps (Ulysses' adapter gathers one row per SP rank)."""
+    sp = se.stage.parallel.sp_size
+    loader = shard_loader(se, SequenceLoader(path, rank, world, start=micro_steps_done // sp))
+    batches = forever(loader)
+    for _ in range(micro_steps_done % sp):
+        next(batches)
+    return loader, batches
 
 
 def forever(loader) -> Iterator[dict]:
@@ -114,53 +129,7 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# ----------------------------------------------------------------------------------- checkpoints
-# A checkpoint is complete when its MANIFEST.json exists: rank 0 writes it into storage only after every
-# rank's DeepSpeed shards are uploaded (report returns) and all ranks passed a barrier. Resume takes the
-# newest complete checkpoint in the run's storage directory, not only the one Ray Train's controller
-# registered: a worker killed right after reporting can take the newest registration down with it.
-def _checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def save_checkpoint(engine, step: int, metrics: dict, rank: int) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"step": step})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=_checkpoint_name(step))
-    dist.barrier()  # every rank's shards are in storage
-    if rank == 0:
-        storage = ray.train.get_context().get_storage()
-        path = storage.build_checkpoint_path_from_name(_checkpoint_name(step))
-        with storage.storage_filesystem.open_output_stream(f"{path}/{MANIFEST}") as f:
-            f.write(json.dumps({"step": step, "tag": CHECKPOINT_TAG, "world_size": dist.get_world_size()}).encode())
-    dist.barrier()
-
-
-def latest_complete_checkpoint():
-    """(step, ray.train.Checkpoint) of the newest checkpoint with a manifest, or None."""
-    import pyarrow.fs as pafs
-    import ray.train
-
-    storage = ray.train.get_context().get_storage()
-    fs, root = storage.storage_filesystem, storage.experiment_fs_path
-    best = None
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        name = info.path.rsplit("/", 1)[-1]
-        if info.type != pafs.FileType.Directory or not name.startswith("step_"):
-            continue
-        manifest = f"{info.path}/{MANIFEST}"
-        if fs.get_file_info(manifest).type != pafs.FileType.File:
-            continue  # incomplete: never loaded
-        with fs.open_input_stream(manifest) as f:
-            step = int(json.loads(f.read())["step"])
-        if best is None or step > best[0]:
-            best = (step, ray.train.Checkpoint(path=info.path, filesystem=fs))
-    return best
-
-
+# ------------------------------------------------------------------------- optimizer carry
 OPTIMIZER_TAG = "final"
 
 
@@ -185,19 +154,6 @@ def load_optimizer_state(engine, uri: str) -> None:
         raise RuntimeError(f"no complete optimizer state at {uri} to carry over")
     local = download_dir(uri, tempfile.mkdtemp(prefix="raylong-optim-"))
     engine.load_checkpoint(local, tag=OPTIMIZER_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
-
-
-def restore_checkpoint(engine) -> int:
-    """Load the newest complete checkpoint, if any; returns the step to continue from."""
-    found = latest_complete_checkpoint()
-    if found is None:
-        return 0
-    step, ckpt = found
-    with ckpt.as_directory() as d:
-        _, client_state = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
-    if int(client_state["step"]) != step:
-        raise RuntimeError(f"checkpoint {ckpt.path}: manifest says step {step}, DeepSpeed state says {client_state['step']}")
-    return step
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -298,10 +254,10 @@ def train_stage(config: dict) -> None:
 
     se = build_stage_engine(stage, init_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
-    loader = shard_loader(se, SequenceLoader(run.train_path, rank, world))
-    batches = forever(loader)
     sink = MetricsSink(run.mlflow_run_id, rank)
-    start_step = restore_checkpoint(se.engine)
+    start_step, skipped = restore_checkpoint(se.engine, rank)
+    loader, batches = resumed_batches(se, run.train_path, rank, world, start_step * o.grad_accum)
+    resume_info = {"resumed_from_step": start_step, "skipped_checkpoints": "\n".join(skipped)}
     if start_step == 0 and run.optimizer_from:
         load_optimizer_state(se.engine, run.optimizer_from)
     if rank == 0:
@@ -323,7 +279,7 @@ def train_stage(config: dict) -> None:
     metrics: dict[str, float] = {}
     for step in range(start_step, o.steps):
         if run.fail_at_step == step and rank == 1 and start_step == 0:
-            os._exit(1)  # simulated worker crash (tests): only in an attempt that did not resume
+            os.kill(os.getpid(), signal.SIGKILL)  # injected worker loss (tests): only in an attempt that did not resume
         t0 = time.perf_counter()
         step_loss, learn_tokens = 0.0, 0
         for _ in range(o.grad_accum):
@@ -348,7 +304,7 @@ def train_stage(config: dict) -> None:
                   f"{metrics['train/tokens_per_s']:.0f} tok/s {step_time:.2f}s", flush=True)
         done = step + 1
         if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < o.steps:
-            save_checkpoint(se.engine, done, {**metrics, "step": done, "resumed_from_step": start_step}, rank)
+            save_checkpoint(se.engine, done, {**metrics, **resume_info, "step": done}, rank)
 
     state_dict = consolidated_state_dict(se.engine, p.zero_stage)
     if rank == 0:
@@ -369,4 +325,4 @@ def train_stage(config: dict) -> None:
             print(f"[raylong] {stage.name} eval: " + ", ".join(f"{k}={v:.3f}" for k, v in summary["metrics"].items()
                                                                if "passkey" in k or "short" in k or "heldout" in k), flush=True)
     dist.barrier()
-    ray.train.report({**metrics, "step": o.steps, "resumed_from_step": start_step})
+    ray.train.report({**metrics, **resume_info, "step": o.steps})
