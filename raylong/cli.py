@@ -23,18 +23,32 @@ def main(argv: list[str] | None = None) -> int:
         rep = sub.add_parser(name, help=text)
         rep.add_argument("pipeline_id")
         rep.add_argument("--storage-path", default="./runs", help="where the default SQLite MLflow store lives")
-    val = sub.add_parser("validate", help="load and check a recipe without running it")
+    val = sub.add_parser("validate", help="every check `run` makes before it asks Ray for anything")
     val.add_argument("recipe")
+    val.add_argument("--ignore-plan", action="store_true", help="skip the GPU memory plan")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from raylong.config import RecipeError
+    from raylong.plan import PlanError
 
-    from raylong.config import load_recipe
+    try:
+        return _dispatch(args)
+    except (RecipeError, PlanError, FileNotFoundError) as exc:  # bad input: the message, not a traceback
+        print(f"raylong: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from raylong.config import load_recipe, redact
 
     if args.command == "validate":
-        cfg = load_recipe(args.recipe)
+        from raylong.pipeline.preflight import validate_recipe
+
+        cfg = validate_recipe(args.recipe, check_plan=not args.ignore_plan)
         for s in cfg.stages:
             print(f"{s.name}: {s.kind} seq_len={s.seq_len} SP={s.parallel.sp_size} x DP={s.data_parallel_size} "
                   f"ZeRO-{s.parallel.zero_stage} steps={s.optim.steps} tokens/step={s.tokens_per_step}")
+        print(f"{args.recipe}: valid ({len(cfg.stages)} stages)")
         return 0
     if args.command == "plan":
         from raylong.plan import format_plans
@@ -47,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"storage_path": args.storage_path} if args.storage_path else None
         cfg = load_recipe(args.recipe, overrides)
         result = run_pipeline(cfg, args.pipeline_id, check_plan=not args.ignore_plan)
-        print(f"\n[raylong] pipeline {result.pipeline_id} finished; MLflow: {result.tracking_uri}", flush=True)
+        print(f"\n[raylong] pipeline {result.pipeline_id} finished; MLflow: {redact(result.tracking_uri)}", flush=True)
         return 0
     if args.command in ("report", "compare"):
         from raylong.pipeline.report import compare_pipeline, format_table, stage_rows

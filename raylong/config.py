@@ -10,16 +10,44 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: each line names the field, the value and the rule."""
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# Credentials come from the environment or Ray's runtime_env, never from a recipe: a recipe is logged.
+_USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@?#]*:[^/@?#]*@", re.I)
+_SECRET_QUERY = re.compile(r"[?&](access_key|secret_key|secret|password|token|sig|signature|sas|"
+                           r"x-amz-signature|x-amz-credential|x-amz-security-token)=", re.I)
+
+
+def reject_credentials(value: str | None, field: str) -> str | None:
+    if value is not None and (_USERINFO.search(value) or _SECRET_QUERY.search(value)):
+        raise ValueError(
+            f"{field} carries credentials in the URI; recipes are logged to MLflow, so set credentials in the "
+            f"environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, "
+            f"MLFLOW_TRACKING_TOKEN, ...) or Ray's runtime_env instead"
+        )
+    return value
+
+
+def redact(uri: str) -> str:
+    """A URI safe to print or log: user:password@ and secret query values replaced by ***."""
+    out = re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@?#]*@", r"\1***@", uri, flags=re.I)
+    return re.sub(r"([?&](?:access_key|secret_key|secret|password|token|sig|signature|sas|x-amz-[a-z-]+)=)[^&#]*",
+                  r"\1***", out, flags=re.I)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -62,6 +90,11 @@ class ModelConfig(_Strict):
     init: dict[str, Any] | None = Field(None, description="LlamaConfig kwargs for a random initialisation")
     seed: int = 0
 
+    @field_validator("path")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return reject_credentials(v, "model.path")
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if (self.path is None) == (self.init is None):
@@ -80,6 +113,11 @@ class TokenizerTrainConfig(_Strict):
 class TokenizerConfig(_Strict):
     path: str | None = None
     train: TokenizerTrainConfig | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return reject_credentials(v, "tokenizer.path")
 
     @model_validator(mode="after")
     def _one_source(self) -> TokenizerConfig:
@@ -107,6 +145,11 @@ class SourceConfig(_Strict):
     messages_field: str = "messages"
     weight: float = Field(1.0, gt=0)
     generate: GenerateConfig | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return reject_credentials(v, "source path")
 
     @model_validator(mode="after")
     def _path_or_generate(self) -> SourceConfig:
@@ -159,6 +202,14 @@ class OptimConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0)
     carry_optimizer_state: bool = Field(False, description="start from the previous stage's optimizer state (ProLong)")
 
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> OptimConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"optim.warmup_steps must be smaller than optim.steps ({self.warmup_steps} >= {self.steps})")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must each be in [0, 1) (got {list(self.betas)})")
+        return self
+
 
 class MemoryConfig(_Strict):
     """ALST-style memory switches (each keeps the loss equal; see raylong/plan.py for what each saves)."""
@@ -190,6 +241,11 @@ class ParallelConfig(_Strict):
 
     @model_validator(mode="after")
     def _sp_divides_workers(self) -> ParallelConfig:
+        if self.sp_size > self.num_workers:
+            raise ValueError(
+                f"parallel.sp_size={self.sp_size} needs at least that many ranks, but parallel.num_workers="
+                f"{self.num_workers}: one sequence is split over sp_size workers"
+            )
         if self.num_workers % self.sp_size != 0:
             raise ValueError(
                 f"parallel.num_workers must be a multiple of parallel.sp_size "
@@ -201,10 +257,17 @@ class ParallelConfig(_Strict):
 class EvalConfig(_Strict):
     """Evaluation run after the stage trains, by the same workers at the same SP degree."""
 
+    @field_validator("depths")
+    @classmethod
+    def _depths_are_fractions(cls, v: list[float]) -> list[float]:
+        if not v or not all(0.0 <= d <= 1.0 for d in v):
+            raise ValueError(f"eval.depths must be fractions in [0, 1] (got {v})")
+        return v
+
     enabled: bool = True
     filler: str | None = Field(None, description="glob of real text for passkey haystacks (None: no passkey)")
     lengths: list[int] | None = Field(None, description="passkey context lengths (default: 3 log-spaced <= seq_len)")
-    depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="needle depths, fractions in [0, 1]")
     per_cell: int = Field(2, ge=1, description="passkey prompts per (length, depth)")
     heldout_sequences: int = Field(4, ge=0, description="held-out packed sequences for loss by position")
     short_len: int | None = Field(None, ge=16, description="short-context loss window (default min(256, seq_len))")
@@ -273,6 +336,11 @@ class PipelineConfig(_Strict):
     registered_model: str | None = Field(None, description="MLflow registered model for the last export "
                                                            "(default: '<name>-final')")
 
+    @field_validator("storage_path")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        return reject_credentials(v, "storage_path")
+
     @field_validator("stages")
     @classmethod
     def _stages_chain(cls, stages: list[StageConfig]) -> list[StageConfig]:
@@ -340,16 +408,37 @@ def expand_path(path: str) -> str:
     return os.path.expanduser(out)
 
 
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """One line per problem: `field.path: message (got value)`."""
+    lines = [f"recipe {source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in e["loc"]).lstrip(".")
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        if isinstance(got, str):
+            got = redact(got)  # a credential put in a URI is not echoed back
+        shown = "" if isinstance(got, (dict, list)) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  {loc or '<top level>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a YAML recipe into a validated PipelineConfig (top-level `overrides` applied first)."""
+    """Read a YAML recipe into a validated PipelineConfig (top-level `overrides` applied first).
+    Raises RecipeError naming every bad field."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe not found: {path}")
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"recipe {path}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise RecipeError(f"recipe {path}: expected a mapping at the top level, got {type(raw).__name__}")
     raw.update(overrides or {})
-    return PipelineConfig.model_validate(raw)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(str(path), err)) from None
 
 
 def config_hash(obj: BaseModel | dict) -> str:

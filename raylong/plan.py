@@ -196,14 +196,14 @@ def check_pipeline_fits(cfg: PipelineConfig) -> list[Plan]:
     """Raise PlanError for the first GPU stage that does not fit, naming the fix."""
     m = stage_model_shape(cfg)
     plans = []
-    for stage in cfg.stages:
+    for i, stage in enumerate(cfg.stages):
         if not stage.parallel.use_gpu:
             continue
         plan = plan_stage(m, stage)
         plans.append(plan)
         if not plan.fits:
             raise PlanError(
-                f"stage {stage.name!r} does not fit: {plan.total_gb:.1f} GB per GPU needed, {plan.capacity_gb:.0f} GB "
+                f"stages[{i}].parallel: stage {stage.name!r} does not fit: {plan.total_gb:.1f} GB per GPU needed, {plan.capacity_gb:.0f} GB "
                 f"on {plan.gpu} ({stage.seq_len} tokens, SP={plan.sp_size}, {plan.num_gpus} GPUs). "
                 f"Fix: {fix_advice(m, stage, plan)}. Run `raylong plan` for the breakdown, or pass --ignore-plan."
             )

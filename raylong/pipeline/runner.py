@@ -15,7 +15,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from raylong.config import PipelineConfig, StageConfig, check_heads_divisible
+from raylong.config import PipelineConfig, StageConfig, redact
+from raylong.pipeline.preflight import preflight
 from raylong.pipeline.tracking import Tracker, default_tracking_uri
 from raylong.storage import absolute, download_dir, exists, for_users, upload_dir
 
@@ -54,27 +55,6 @@ class PipelinePaths:
 
     def optimizer_state(self, stage: str) -> str:
         return f"{self.root}/stages/{stage}/optimizer"
-
-
-def preflight(cfg: PipelineConfig, check_plan: bool = True) -> None:
-    """Checks that need no cluster, in order: the memory plan of every GPU stage, the model's attention
-    heads against every stage's SP degree, every data source exists."""
-    from raylong.data.prepare import DataError
-    from raylong.data.sources import resolve_files
-    from raylong.plan import check_pipeline_fits, stage_model_shape
-
-    if check_plan:
-        check_pipeline_fits(cfg)
-    check_heads_divisible(cfg, stage_model_shape(cfg).heads)
-    for stage in cfg.stages:
-        for src in stage.data.sources:
-            if src.path is not None:
-                try:
-                    files = resolve_files(src.path, src.format)
-                except FileNotFoundError as exc:
-                    raise DataError(f"stage {stage.name!r}, source {src.name!r}: {exc}") from None
-                if not files:
-                    raise DataError(f"stage {stage.name!r}, source {src.name!r}: no files match {src.path!r}")
 
 
 def ensure_tokenizer(cfg: PipelineConfig, paths: PipelinePaths) -> str:
@@ -130,7 +110,7 @@ def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_u
     parent = tracker.start_pipeline(pipeline_id, cfg.name, cfg.model_dump_json(indent=2))
     result = PipelineResult(pipeline_id, parent, tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # forwarded to the training workers
-    print(f"[raylong] pipeline {pipeline_id}: {len(cfg.stages)} stages, storage {paths.root}, MLflow {tracking_uri}",
+    print(f"[raylong] pipeline {pipeline_id}: {len(cfg.stages)} stages, storage {redact(paths.root)}, MLflow {redact(tracking_uri)}",
           flush=True)
     ensure_ray()
     try:
