@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from raylong.config import PipelineConfig, StageConfig, redact
 from raylong.pipeline.preflight import preflight
 from raylong.pipeline.tracking import Tracker, default_tracking_uri
+from raylong.train.launch import credential_names
 from raylong.storage import absolute, download_dir, exists, for_users, upload_dir
 
 log = logging.getLogger("raylong.pipeline")
@@ -108,10 +109,15 @@ def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_u
     tracking_uri = tracking_uri or default_tracking_uri(paths.storage)
     tracker = Tracker(tracking_uri, artifact_root=f"{paths.storage}/mlartifacts")
     parent = tracker.start_pipeline(pipeline_id, cfg.name, cfg.model_dump_json(indent=2))
+    for stage_name in tracker.close_interrupted_stages(parent):
+        print(f"[raylong] stage {stage_name}: its previous run was interrupted (driver lost); marked KILLED", flush=True)
     result = PipelineResult(pipeline_id, parent, tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # forwarded to the training workers
     print(f"[raylong] pipeline {pipeline_id}: {len(cfg.stages)} stages, storage {redact(paths.root)}, MLflow {redact(tracking_uri)}",
           flush=True)
+    names = credential_names()
+    if names:  # names only: values never reach a log, a param or a tag
+        print(f"[raylong] credentials from the environment, forwarded to workers: {', '.join(names)}", flush=True)
     ensure_ray()
     try:
         tokenizer_uri = ensure_tokenizer(cfg, paths)

@@ -6,6 +6,8 @@ every stage whose child run is FINISHED, starting the next one from that run's `
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -41,15 +43,38 @@ class StageRecord:
     tags: dict[str, str]
 
 
+@contextlib.contextmanager
+def sqlite_setup_lock(tracking_uri: str):
+    """Two drivers opening a new SQLite store at once both try to create its tables: serialise that
+    first contact with a lock file next to the database (a tracking server needs none)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = tracking_uri.removeprefix("sqlite:///")
+    os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, artifact_root: str | None = None, experiment: str = EXPERIMENT):
+        from mlflow.exceptions import MlflowException
+
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
-        else:
-            exp_id = exp.experiment_id
+        with sqlite_setup_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                try:
+                    exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+                except MlflowException:  # created meanwhile by another driver (tracking server)
+                    exp_id = self.client.get_experiment_by_name(experiment).experiment_id
+            else:
+                exp_id = exp.experiment_id
         self.experiment_id = exp_id
 
     # ------------------------------------------------------------------------------ pipeline
@@ -89,6 +114,17 @@ class Tracker:
         )
         return [StageRecord(r.info.run_id, r.data.tags.get("stage", ""), r.info.status, r.data.tags) for r in runs]
 
+    def close_interrupted_stages(self, parent_id: str) -> list[str]:
+        """Child runs left RUNNING by a driver that died are marked KILLED (tag `interrupted`); returns
+        their stage names. Called when a pipeline id is (re)started."""
+        closed = []
+        for rec in self.stage_runs(parent_id):
+            if rec.status == "RUNNING":
+                self.client.set_tag(rec.run_id, "interrupted", "driver lost; resumed by a later run")
+                self.client.set_terminated(rec.run_id, "KILLED")
+                closed.append(rec.stage)
+        return closed
+
     def finished_stage(self, parent_id: str, stage: str) -> StageRecord | None:
         for rec in reversed(self.stage_runs(parent_id)):
             if rec.stage == stage and rec.status == "FINISHED":
@@ -96,14 +132,16 @@ class Tracker:
         return None
 
     def start_stage(self, parent_id: str, pipeline_id: str, index: int, stage_dump: dict, tags: dict[str, str]) -> str:
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"{index}-{stage_dump['name']}",
-            tags={PARENT_TAG: parent_id, "pipeline_id": pipeline_id, "kind": "stage", "stage": stage_dump["name"],
-                  "stage_index": str(index), **tags},
-        )
-        params = flatten(stage_dump)
-        items = [Param(k, v[:6000]) for k, v in params.items()]
+        return self.start_child(parent_id, pipeline_id, "stage", f"{index}-{stage_dump['name']}", stage_dump,
+                                {"stage": stage_dump["name"], "stage_index": str(index), **tags})
+
+    def start_child(self, parent_id: str | None, pipeline_id: str, kind: str, name: str, params: dict,
+                    tags: dict[str, str]) -> str:
+        """A run of `kind` (stage, sweep, trial) nested under `parent_id` (None: top level), params flattened."""
+        nesting = {PARENT_TAG: parent_id} if parent_id else {}
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**nesting, "pipeline_id": pipeline_id, "kind": kind, **tags})
+        items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run.info.run_id, params=items[i : i + 100])
         return run.info.run_id

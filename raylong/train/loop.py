@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -49,6 +49,8 @@ class StageRun:
     heldout_path: str | None = None
     save_optimizer_to: str | None = None  # a later stage carries this stage's optimizer state
     optimizer_from: str | None = None  # this stage starts from that saved optimizer state
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)  # set by launch; never logged
+    eval_every: int | None = None  # sweep trials: evaluate and report every N steps; no export
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -246,6 +248,7 @@ def train_stage(config: dict) -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*|raylong.*")
     run = StageRun(**config)
+    os.environ.update(run.credentials)  # object store / MLflow credentials of the driver, before any client
     stage = StageConfig.model_validate(run.stage)
     o, p = stage.optim, stage.parallel
     scratch = tempfile.mkdtemp(prefix="raylong-")
@@ -261,6 +264,9 @@ def train_stage(config: dict) -> None:
     if start_step == 0 and run.optimizer_from:
         load_optimizer_state(se.engine, run.optimizer_from)
     if rank == 0:
+        from raylong.train.launch import credential_names
+
+        print(f"[raylong] worker credentials present (names only): {', '.join(credential_names()) or 'none'}", flush=True)
         print(
             f"[raylong] stage {stage.name}: {stage.kind} seq_len={stage.seq_len} SP={p.sp_size} x DP={stage.data_parallel_size} "
             f"ZeRO-{p.zero_stage} attn={se.attn} rope={stage.rope.to_hf()} tokens/step={stage.tokens_per_step} "
@@ -305,7 +311,12 @@ def train_stage(config: dict) -> None:
         done = step + 1
         if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < o.steps:
             save_checkpoint(se.engine, done, {**metrics, **resume_info, "step": done}, rank)
+        if run.eval_every and (done % run.eval_every == 0 or done == o.steps):
+            report_trial_eval(se, run, tokenizer_dir, sink, done, rank)
 
+    if run.eval_every:  # a sweep trial: judged by its evaluations, nothing to export
+        dist.barrier()
+        return
     state_dict = consolidated_state_dict(se.engine, p.zero_stage)
     if rank == 0:
         save_export(se.engine.module, state_dict, tokenizer_dir, run.export_dir)
@@ -313,16 +324,36 @@ def train_stage(config: dict) -> None:
     if run.save_optimizer_to:
         save_optimizer_state(se.engine, run.save_optimizer_to, rank)
     if run.eval_suite is not None:  # the exported weights, evaluated by the same SP-sharded workers
-        from raylong.eval.run import evaluate_in_workers, record
-        from raylong.data.tokenize import load_tokenizer
+        from raylong.eval.run import record
 
-        from raylong.storage import read_text
-
-        summary = evaluate_in_workers(se, read_text(run.eval_suite), run.heldout_path, stage.eval.heldout_sequences,
-                                      load_tokenizer(tokenizer_dir).pad_token_id)
+        summary = evaluate(se, run, tokenizer_dir)
         if rank == 0:
             record(summary, run.mlflow_run_id)
             print(f"[raylong] {stage.name} eval: " + ", ".join(f"{k}={v:.3f}" for k, v in summary["metrics"].items()
                                                                if "passkey" in k or "short" in k or "heldout" in k), flush=True)
     dist.barrier()
     ray.train.report({**metrics, **resume_info, "step": o.steps})
+
+
+def evaluate(se: StageEngine, run: StageRun, tokenizer_dir: str) -> dict | None:
+    """The stage's evaluation of the current weights by every worker (collective); the summary on rank 0."""
+    from raylong.data.tokenize import load_tokenizer
+    from raylong.eval.run import evaluate_in_workers
+    from raylong.storage import read_text
+
+    return evaluate_in_workers(se, read_text(run.eval_suite), run.heldout_path, se.stage.eval.heldout_sequences,
+                               load_tokenizer(tokenizer_dir).pad_token_id)
+
+
+def report_trial_eval(se: StageEngine, run: StageRun, tokenizer_dir: str, sink: MetricsSink, step: int, rank: int) -> None:
+    """Sweep trials: evaluate now, log to the trial's MLflow run, report to Ray Train (and so to Tune)."""
+    import ray.train
+
+    summary = evaluate(se, run, tokenizer_dir)
+    report = {"step": step}
+    if rank == 0:
+        sink.log(summary["metrics"], step)
+        report.update(summary["metrics"], mlflow_run_id=run.mlflow_run_id)
+        print(f"[raylong] trial eval at step {step}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in summary["metrics"].items() if "heldout" in k or "passkey" in k), flush=True)
+    ray.train.report(report)
