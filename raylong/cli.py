@@ -1,4 +1,4 @@
-"""`raylong run | plan | report | compare | validate` (`ray job submit` runs jobs/pipeline.py = `run`)."""
+"""`raylong run | plan | sweep | report | compare | validate` (`ray job submit` runs jobs/pipeline.py = `run`)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         rep = sub.add_parser(name, help=text)
         rep.add_argument("pipeline_id")
         rep.add_argument("--storage-path", default="./runs", help="where the default SQLite MLflow store lives")
+    sw = sub.add_parser("sweep", help="Ray Tune search over a stage's sweep.space (RoPE, lr), trials in MLflow")
+    sw.add_argument("recipe")
+    sw.add_argument("--stage", required=True)
+    sw.add_argument("--pipeline-id", default=None, help="take the start weights (and data cache) of this pipeline")
+    sw.add_argument("--storage-path", default=None, help="override the recipe's storage_path")
+    sw.add_argument("--write", action="store_true", help="write the best values back into the recipe")
     val = sub.add_parser("validate", help="every check `run` makes before it asks Ray for anything")
     val.add_argument("recipe")
     val.add_argument("--ignore-plan", action="store_true", help="skip the GPU memory plan")
@@ -49,6 +55,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{s.name}: {s.kind} seq_len={s.seq_len} SP={s.parallel.sp_size} x DP={s.data_parallel_size} "
                   f"ZeRO-{s.parallel.zero_stage} steps={s.optim.steps} tokens/step={s.tokens_per_step}")
         print(f"{args.recipe}: valid ({len(cfg.stages)} stages)")
+        return 0
+    if args.command == "sweep":
+        from raylong.pipeline.sweep import run_sweep
+
+        cfg = load_recipe(args.recipe, {"storage_path": args.storage_path} if args.storage_path else None)
+        run_sweep(cfg, args.stage, args.pipeline_id, recipe_path=args.recipe, write=args.write)
         return 0
     if args.command == "plan":
         from raylong.plan import format_plans

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import sysconfig
@@ -274,6 +275,45 @@ class EvalConfig(_Strict):
     seed: int = 0
 
 
+class SweepConfig(_Strict):
+    """A Ray Tune search run before the stage (`raylong sweep`): short trials from the stage's start weights,
+    each judged by the stage's long-context evaluation; ASHA stops the worse half at every evaluation."""
+
+    space: dict[str, list[float]] = Field(..., description="stage fields (dotted: rope.theta, rope.factor, "
+                                                           "optim.lr, ...) -> candidate values; trials = the grid")
+    steps: int = Field(4, ge=1, description="training steps per trial")
+    eval_every: int = Field(2, ge=1, description="steps between evaluations (the scheduler's rungs)")
+    metric: str = Field("eval/heldout_loss", pattern=r"^eval/", description="an eval metric of the stage")
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "none"] = "asha"
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _space_and_rungs(self) -> SweepConfig:
+        if not self.space or any(not v for v in self.space.values()):
+            raise ValueError(f"sweep.space needs at least one field with at least one value (got {self.space})")
+        if self.eval_every > self.steps:
+            raise ValueError(f"sweep.eval_every must be <= sweep.steps ({self.eval_every} > {self.steps})")
+        return self
+
+    @property
+    def num_trials(self) -> int:
+        return math.prod(len(v) for v in self.space.values())
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> None:
+    """d["a"]["b"] = value for dotted "a.b" (KeyError naming the path when a part does not exist)."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        if not isinstance(d.get(part), dict):
+            raise KeyError(dotted)
+        d = d[part]
+    if last not in d:
+        raise KeyError(dotted)
+    d[last] = value
+
+
 class StageConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     kind: Literal["pretrain", "sft"]
@@ -287,6 +327,7 @@ class StageConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
     per_document_attention: bool = True
     eval: EvalConfig = EvalConfig()
+    sweep: SweepConfig | None = None
 
     @model_validator(mode="after")
     def _seq_len_divisible(self) -> StageConfig:
@@ -308,7 +349,36 @@ class StageConfig(_Strict):
             too_long = [n for n in ev.lengths or [] if n > self.seq_len]
             if too_long:
                 raise ValueError(f"stage {self.name!r}: eval.lengths {too_long} exceed seq_len {self.seq_len}")
+        if self.sweep is not None:
+            self._check_sweep_candidates()
         return self
+
+    def _check_sweep_candidates(self) -> None:
+        """Every candidate of the sweep must make a valid stage: found now, not in trial 3."""
+        if not self.eval.enabled:
+            raise ValueError(f"stage {self.name!r}: sweep needs eval.enabled (trials are judged by the evaluation)")
+        for key, values in self.sweep.space.items():
+            for value in values:
+                try:
+                    self.trial({key: value})
+                except KeyError:
+                    raise ValueError(f"stage {self.name!r}: sweep.space key {key!r} is not a stage field") from None
+                except ValueError as exc:
+                    raise ValueError(f"stage {self.name!r}: sweep.space {key}={value} makes an invalid stage: "
+                                     f"{str(exc).splitlines()[-1].strip()}") from None
+
+    def trial(self, values: dict[str, Any]) -> StageConfig:
+        """This stage with each dotted field of `values` set, as a sweep trial runs it: sweep.steps steps,
+        no checkpoints, no sweep."""
+        raw = self.model_dump(mode="json")
+        for k, v in values.items():
+            set_dotted(raw, k, v)
+        raw["sweep"] = None
+        if self.sweep is not None:
+            raw["optim"]["steps"] = self.sweep.steps
+            raw["optim"]["warmup_steps"] = min(raw["optim"]["warmup_steps"], self.sweep.steps - 1)
+            raw["checkpoint_every"] = 0
+        return StageConfig.model_validate(raw)
 
     @property
     def eval_short_len(self) -> int:

@@ -48,7 +48,8 @@ def ray_cluster():
     """One local Ray instance for the session (2 CPUs, loopback), shut down at the end."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), log_to_driver=True)  # dashboard: State API for Ray Train's PG cleaner
     yield ray
     ray.shutdown()
 

@@ -96,7 +96,9 @@ def ensure_ray() -> None:
         ray.init()
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # GCS, raylet, workers on 127.0.0.1
-    ray.init(address="local", include_dashboard=False)
+    # the dashboard serves the State API, which Ray Train's placement-group cleaner needs to free the
+    # resources of a run whose controller was killed (a sweep trial stopped early)
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_uri: str | None = None,
