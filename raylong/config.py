@@ -363,9 +363,11 @@ class StageConfig(_Strict):
                     self.trial({key: value})
                 except KeyError:
                     raise ValueError(f"stage {self.name!r}: sweep.space key {key!r} is not a stage field") from None
-                except ValueError as exc:
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"])
                     raise ValueError(f"stage {self.name!r}: sweep.space {key}={value} makes an invalid stage: "
-                                     f"{str(exc).splitlines()[-1].strip()}") from None
+                                     f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
 
     def trial(self, values: dict[str, Any]) -> StageConfig:
         """This stage with each dotted field of `values` set, as a sweep trial runs it: sweep.steps steps,

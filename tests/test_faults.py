@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import STDLIB, TINY_LLAMA, free_port
+from tests.conftest import STDLIB, TINY_LLAMA, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -78,11 +78,11 @@ class RayHead:
         self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
         self.env.pop("RAY_ADDRESS", None)
         self.env.pop("MLFLOW_TRACKING_URI", None)
-        port = free_port()
-        ports = {k: str(free_port()) for k in ("--dashboard-port", "--ray-client-server-port", "--node-manager-port",
-                                               "--object-manager-port", "--metrics-export-port",
-                                               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                               "--runtime-env-agent-port")}
+        names = ("--dashboard-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
+                 "--metrics-export-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--runtime-env-agent-port")
+        port, *others = free_ports(len(names) + 1)
+        ports = dict(zip(names, map(str, others)))
         cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--port={port}", f"--temp-dir={self.temp_dir}", "--num-cpus=4", "--min-worker-port=21000",
                "--max-worker-port=21999", *[f"{k}={v}" for k, v in ports.items()]]

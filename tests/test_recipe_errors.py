@@ -1,4 +1,4 @@
-"""Thirty-odd kinds of broken recipe: each is refused with an error naming the field, by `raylong validate`
+"""Forty kinds of broken recipe: each is refused with an error naming the field, by `raylong validate`
 and by `raylong run`, before any Ray resource is requested and before anything is written to storage."""
 
 from __future__ import annotations
@@ -107,6 +107,14 @@ CASES = {
                                    ["storage_path carries credentials in the URI", "s3://***@bucket/runs"]),
     "remote_storage_without_tracking_server": (lambda r: r.update(storage_path="s3://bucket/runs"),
                                                ["storage_path s3://bucket/runs is remote: set MLFLOW_TRACKING_URI"]),
+    "sweep_over_a_field_that_does_not_exist": (lambda r: _stage(r).update(sweep={"space": {"rope.thetta": [1e4]}}),
+                                               ["stages[0]", "sweep.space key 'rope.thetta' is not a stage field"]),
+    "sweep_candidate_that_breaks_the_stage": (lambda r: _stage(r).update(sweep={"space": {"optim.lr": [1e-3, -1.0]}}),
+                                              ["stages[0]", "sweep.space optim.lr=-1.0 makes an invalid stage",
+                                               "greater than 0"]),
+    "sweep_evaluating_after_the_last_step": (lambda r: _stage(r).update(
+        sweep={"space": {"optim.lr": [1e-3]}, "steps": 2, "eval_every": 3}),
+        ["stages[0].sweep", "sweep.eval_every must be <= sweep.steps (3 > 2)"]),
     "gpu_stage_that_does_not_fit": (lambda r: (r["model"].update(init=LLAMA_8B_SHAPE),
                                                _stage(r).update(seq_len=1048576),
                                                _stage(r)["parallel"].update(use_gpu=True)),

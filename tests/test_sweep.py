@@ -23,8 +23,10 @@ def sweep(ray_cluster, tokenizer_dir, tmp_path_factory):
     shutil.copy("jobs/recipes/tiny.yaml", recipe)
     cfg = load_recipe(recipe, {"storage_path": str(tmp / "runs"), "tokenizer": {"path": tokenizer_dir}})
     cfg.stages[0].data.token_budget = 40000
-    result = run_sweep(cfg, "cp_2k", pipeline_id="sweep-test", recipe_path=str(recipe), write=True)
-    return {"result": result, "tracker": Tracker(f"sqlite:///{tmp}/runs/mlflow.db"), "recipe": recipe,
+    tracking_uri = f"sqlite:///{tmp}/runs/mlflow.db"  # explicit: an earlier test's driver may have set the env
+    result = run_sweep(cfg, "cp_2k", pipeline_id="sweep-test", tracking_uri=tracking_uri, recipe_path=str(recipe),
+                       write=True)
+    return {"result": result, "tracker": Tracker(tracking_uri), "recipe": recipe,
             "space": cfg.stages[0].sweep.space}
 
 

@@ -37,11 +37,11 @@ def trial_grid(stage: StageConfig) -> list[dict[str, float]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(stage.sweep.space[k] for k in keys))]
 
 
-def start_weights(cfg: PipelineConfig, index: int, tracker: Tracker, pipeline_id: str, base_uri: str) -> str:
-    """The stage's start weights: the base model, or the export of its init stage in `pipeline_id`."""
+def init_stage_export(cfg: PipelineConfig, index: int, tracker: Tracker, pipeline_id: str) -> str | None:
+    """The export the stage starts from in `pipeline_id` (None: the stage starts from the base model)."""
     init_stage = cfg.init_stage_of(index)
     if init_stage is None:
-        return base_uri
+        return None
     parent = tracker.find_pipeline(pipeline_id)
     done = tracker.finished_stage(parent, init_stage) if parent else None
     if done is None:
@@ -103,11 +103,11 @@ def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = No
     print(f"[raylong] sweep of stage {stage.name} in pipeline {pipeline_id}: {len(grid)} trials over "
           f"{list(sweep.space)}, {sweep.steps} steps each, judged by {sweep.metric} ({sweep.mode}); "
           f"MLflow {redact(tracking_uri)}", flush=True)
+    init_uri = init_stage_export(cfg, index, tracker, pipeline_id)  # refused here, before Ray, when missing
     ensure_ray()
     tokenizer_uri = ensure_tokenizer(cfg, paths)
     tokenizer_local = download_dir(tokenizer_uri, tempfile.mkdtemp(prefix="raylong-tok-"))
-    base_uri = ensure_base_model(cfg, tokenizer_local, paths)
-    init_uri = start_weights(cfg, index, tracker, pipeline_id, base_uri)
+    init_uri = init_uri or ensure_base_model(cfg, tokenizer_local, paths)
     data = prepare_stage_data(stage, tokenizer_local, paths.data)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = f"{paths.root}/sweeps/{stage.name}-{stamp}"
