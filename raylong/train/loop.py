@@ -25,13 +25,12 @@ import torch.distributed as dist
 
 from raylong.config import StageConfig
 from raylong.storage import download_dir, fs_path
-from raylong.train.checkpoints import MANIFEST, restore_checkpoint, save_checkpoint
 from raylong.train.attention import attention_for, reset_sequence_parallel
+from raylong.train.checkpoints import MANIFEST, restore_checkpoint, save_checkpoint
 from raylong.train.engine import build_engine, consolidated_state_dict
 from raylong.train.loss import IGNORE, group_sum, loss_sum_and_count, shift_labels, sp_gradient_scale, token_weighted_loss
 from raylong.train.memory import enable_tiled_mlp, tiled_loss_objective
 from raylong.train.model import load_model, save_export
-
 
 
 @dataclass
