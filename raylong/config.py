@@ -301,6 +301,11 @@ class SweepConfig(_Strict):
     def num_trials(self) -> int:
         return math.prod(len(v) for v in self.space.values())
 
+    @property
+    def evaluations(self) -> int:
+        """Evaluations a trial that runs every step reports (every eval_every steps and at the last one)."""
+        return -(-self.steps // self.eval_every)
+
 
 def set_dotted(d: dict, dotted: str, value: Any) -> None:
     """d["a"]["b"] = value for dotted "a.b" (KeyError naming the path when a part does not exist)."""

@@ -122,8 +122,7 @@ def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = No
                "pipeline_id": pipeline_id, "init_uri": init_uri, "tokenizer_uri": tokenizer_uri,
                "train_path": data.train_path, "heldout_path": data.heldout_path, "eval_suite": eval_suite,
                "eval_every": sweep.eval_every, "train_storage": f"{root}/trials"}
-    rungs = -(-sweep.steps // sweep.eval_every)  # evaluations per full trial
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=rungs, grace_period=1,
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.evaluations, grace_period=1,
                                reduction_factor=sweep.reduction_factor)
                  if sweep.scheduler == "asha" else FIFOScheduler())
     space = {key: tune.grid_search(values) for key, values in sweep.space.items()}
@@ -166,7 +165,6 @@ def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = No
 
 
 def trial_table(results, sweep) -> list[dict]:
-    rungs = -(-sweep.steps // sweep.eval_every)
     rows = []
     for r in results:
         m = r.metrics or {}
@@ -174,7 +172,7 @@ def trial_table(results, sweep) -> list[dict]:
         rows.append({"candidate": {k: r.config[k] for k in sweep.space}, "run_id": m.get("mlflow_run_id"),
                      "value": m.get(sweep.metric), "step": m.get("step"), "evaluations": reports,
                      "complete": r.error is None and m.get("step") == sweep.steps,
-                     "stopped_early": r.error is None and reports < rungs, "error": str(r.error) if r.error else None})
+                     "stopped_early": r.error is None and reports < sweep.evaluations, "error": str(r.error) if r.error else None})
     return rows
 
 
