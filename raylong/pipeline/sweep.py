@@ -10,7 +10,6 @@ with --write, written back into the recipe.
 
 from __future__ import annotations
 
-import itertools
 import os
 import tempfile
 import time
@@ -32,11 +31,6 @@ class SweepResult:
     trials: list[dict]
 
 
-def trial_grid(stage: StageConfig) -> list[dict[str, float]]:
-    keys = list(stage.sweep.space)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(stage.sweep.space[k] for k in keys))]
-
-
 def init_stage_export(cfg: PipelineConfig, index: int, tracker: Tracker, pipeline_id: str) -> str | None:
     """The export the stage starts from in `pipeline_id` (None: the stage starts from the base model)."""
     init_stage = cfg.init_stage_of(index)
@@ -50,7 +44,7 @@ def init_stage_export(cfg: PipelineConfig, index: int, tracker: Tracker, pipelin
     return done.tags["checkpoint_uri"]
 
 
-def run_trial(candidate: dict, context: dict) -> None:
+def run_trial(candidate: dict, ctx: dict) -> None:
     """Tune function trainable: one trial = one Ray Train run with TuneReportCallback forwarding its evals."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -58,7 +52,6 @@ def run_trial(candidate: dict, context: dict) -> None:
     from raylong.train.launch import run_training
     from raylong.train.loop import StageRun
 
-    ctx = context
     stage = StageConfig.model_validate(ctx["stage"]).trial(candidate)
     os.environ["MLFLOW_TRACKING_URI"] = ctx["tracking_uri"]  # forwarded to the training workers
     tracker = Tracker(ctx["tracking_uri"])
@@ -99,8 +92,7 @@ def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = No
     paths = PipelinePaths(cfg.storage_path, pipeline_id)
     tracking_uri = tracking_uri or default_tracking_uri(paths.storage)
     tracker = Tracker(tracking_uri, artifact_root=f"{paths.storage}/mlartifacts")
-    grid = trial_grid(stage)
-    print(f"[raylong] sweep of stage {stage.name} in pipeline {pipeline_id}: {len(grid)} trials over "
+    print(f"[raylong] sweep of stage {stage.name} in pipeline {pipeline_id}: {sweep.num_trials} trials over "
           f"{list(sweep.space)}, {sweep.steps} steps each, judged by {sweep.metric} ({sweep.mode}); "
           f"MLflow {redact(tracking_uri)}", flush=True)
     init_uri = init_stage_export(cfg, index, tracker, pipeline_id)  # refused here, before Ray, when missing
@@ -128,7 +120,7 @@ def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = No
     space = {key: tune.grid_search(values) for key, values in sweep.space.items()}
     tuner = tune.Tuner(
         # the trial function itself holds nothing: its Ray Train workers hold the stage's CPUs / GPUs
-        tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0, "memory": 2**20}),
+        tune.with_resources(tune.with_parameters(run_trial, ctx=context), {"CPU": 0, "memory": 2**20}),
         param_space=space,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                     max_concurrent_trials=sweep.max_concurrent_trials),
