@@ -92,6 +92,9 @@ def _sp_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -
         torch.save(results, os.path.join(out_dir, "sp2.pt"))
     dist.barrier()
     dist.destroy_process_group()
+    # results are written: skip interpreter teardown, where a library's C++ thread left running has aborted
+    # the process ("terminate called without an active exception") after all the work was done
+    os._exit(0)
 
 
 def reference(model_dir: str, batch: dict[str, torch.Tensor]):

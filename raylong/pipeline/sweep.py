@@ -136,7 +136,7 @@ def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = No
         # the best among trials that ran every step (one ASHA stopped was worse at its rung than a survivor)
         best = (min if sweep.mode == "min" else max)(complete, key=lambda t: t["value"])
         best_values, value, best_run = best["candidate"], float(best["value"]), best["run_id"]
-        close_trial_runs(tracker, sweep_run, {t["run_id"] for t in trials if t["complete"]})
+        close_trial_runs(tracker, trials)
         tracker.set_tags(sweep_run, {"best_trial_run": best_run, **{f"best.{k}": str(v) for k, v in best_values.items()}})
         tracker.log_metrics(sweep_run, {"best_value": value, "trials": len(trials),
                                         "trials_stopped_early": sum(t["stopped_early"] for t in trials)})
@@ -176,16 +176,19 @@ def format_trials(trials: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def close_trial_runs(tracker: Tracker, sweep_run: str, complete: set[str]) -> None:
-    """A trial the scheduler stops ends with its Tune actor, its MLflow run left RUNNING: a trial that ran
-    every step is marked FINISHED, one stopped early KILLED with the tag `stopped_early`."""
-    for rec in tracker.stage_runs(sweep_run):
-        if rec.run_id in complete:
-            if rec.status == "RUNNING":
-                tracker.end_stage(rec.run_id, "FINISHED")
-        elif rec.status in ("RUNNING", "FINISHED"):
-            tracker.client.set_tag(rec.run_id, "stopped_early", "scheduler")
-            tracker.end_stage(rec.run_id, "KILLED")
+def close_trial_runs(tracker: Tracker, trials: list[dict]) -> None:
+    """Settle each trial's MLflow status from what Tune saw. A trial the scheduler stops ends with its Tune actor,
+    so its run may say RUNNING, or FAILED if the stop interrupted training: it is KILLED with `stopped_early`."""
+    for t in trials:
+        if t["run_id"] is None:
+            continue
+        if t["complete"]:
+            tracker.end_stage(t["run_id"], "FINISHED")
+        elif t["stopped_early"]:
+            tracker.client.set_tag(t["run_id"], "stopped_early", "scheduler")
+            tracker.end_stage(t["run_id"], "KILLED")
+        else:
+            tracker.end_stage(t["run_id"], "FAILED")
 
 
 def write_best(recipe_path: str, index: int, values: dict[str, float]) -> None:
