@@ -62,10 +62,12 @@ def check_data_sources(cfg: PipelineConfig) -> None:
 
 
 def check_tracking(cfg: PipelineConfig) -> None:
-    """A remote storage path needs an MLflow server: the default SQLite file must live on local disk."""
-    storage = cfg.storage_path
-    if "://" in storage and not storage.startswith("file://") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise RecipeError(f"storage_path {storage} is remote: set MLFLOW_TRACKING_URI to your MLflow tracking server")
+    """The rule default_tracking_uri applies, checked without creating anything."""
+    from raylong.pipeline.tracking import tracking_location_problem
+
+    problem = tracking_location_problem(cfg.storage_path)
+    if problem:
+        raise RecipeError(problem)
 
 
 def preflight(cfg: PipelineConfig, check_plan: bool = True) -> None:

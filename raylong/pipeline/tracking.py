@@ -22,14 +22,21 @@ EXPERIMENT = "raylong"
 PARENT_TAG = "mlflow.parentRunId"
 
 
+def tracking_location_problem(storage_path: str) -> str | None:
+    """Why no MLflow store can be chosen for this storage path (None: one can). The default SQLite file must
+    live on local disk, so a remote storage path needs MLFLOW_TRACKING_URI."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or "://" not in storage_path or storage_path.startswith("file://"):
+        return None
+    return f"storage_path {storage_path} is remote: set MLFLOW_TRACKING_URI to your MLflow tracking server"
+
+
 def default_tracking_uri(storage_path: str) -> str:
     """MLFLOW_TRACKING_URI if set, else a SQLite file in the (local) storage directory."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if "://" in storage_path and not storage_path.startswith("file://"):
-        raise ValueError(
-            f"storage_path {storage_path} is remote: set MLFLOW_TRACKING_URI to your MLflow tracking server"
-        )
+    problem = tracking_location_problem(storage_path)
+    if problem:
+        raise ValueError(problem)
     local = storage_path.removeprefix("file://")
     os.makedirs(local, exist_ok=True)
     return f"sqlite:///{os.path.abspath(local)}/mlflow.db"
