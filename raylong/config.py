@@ -307,14 +307,17 @@ class SweepConfig(_Strict):
         return -(-self.steps // self.eval_every)
 
 
-def set_dotted(d: dict, dotted: str, value: Any) -> None:
-    """d["a"]["b"] = value for dotted "a.b" (KeyError naming the path when a part does not exist)."""
+def set_dotted(d: dict, dotted: str, value: Any, create: bool = False) -> None:
+    """d["a"]["b"] = value for dotted "a.b". A part that does not exist is a KeyError naming the path, or,
+    with create, a new mapping (a recipe file may leave a section to its defaults)."""
     *parents, last = dotted.split(".")
     for part in parents:
+        if create and part not in d:
+            d[part] = {}
         if not isinstance(d.get(part), dict):
             raise KeyError(dotted)
         d = d[part]
-    if last not in d:
+    if last not in d and not create:
         raise KeyError(dotted)
     d[last] = value
 

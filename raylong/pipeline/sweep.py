@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raylong.config import PipelineConfig, RecipeError, StageConfig, redact
+from raylong.config import PipelineConfig, RecipeError, StageConfig, redact, set_dotted
 from raylong.pipeline.runner import PipelinePaths, ensure_base_model, ensure_ray, ensure_tokenizer
 from raylong.pipeline.tracking import Tracker, default_tracking_uri
 from raylong.storage import download_dir, write_text
@@ -199,13 +199,8 @@ def write_best(recipe_path: str, index: int, values: dict[str, float]) -> None:
     yaml.preserve_quotes = True
     path = Path(recipe_path)
     doc = yaml.load(path.read_text())
-    stage = doc["stages"][index]
     for dotted, value in values.items():
-        node = stage
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(doc["stages"][index], dotted, value, create=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
         yaml.dump(doc, f)
