@@ -45,7 +45,7 @@ def _rank(rank, world, port, threads, model_dir, seq_len, steps, memory, out):
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from raylong.config import StageConfig
-    from raylong.train.loop import build_stage_engine, micro_step, shard_loader
+    from raylong.train.step import build_stage_engine, micro_step
 
     stage = StageConfig.model_validate({
         "name": "bench", "kind": "pretrain", "seq_len": seq_len,
@@ -59,7 +59,7 @@ def _rank(rank, world, port, threads, model_dir, seq_len, steps, memory, out):
     batch = {"input_ids": ids, "position_ids": torch.arange(seq_len)[None], "labels": ids.clone()}
     times = []
     for _ in range(steps + 1):  # the first step warms up
-        shard = next(iter(shard_loader(se, [dict(batch)])))
+        shard = next(iter(se.shard([dict(batch)])))
         dist.barrier()
         t0 = time.perf_counter()
         micro_step(se, shard)

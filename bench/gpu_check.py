@@ -32,7 +32,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raylong.config import StageConfig
-    from raylong.train.loop import build_stage_engine, micro_step
+    from raylong.train.step import build_stage_engine, micro_step
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from raylong.config import load_recipe, redact
+    from raylong.config import load_recipe
+    from raylong.credentials import redact
 
     if args.command == "validate":
         from raylong.pipeline.preflight import validate_recipe
@@ -73,12 +74,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         overrides = {"storage_path": args.storage_path} if args.storage_path else None
         cfg = load_recipe(args.recipe, overrides)
         result = run_pipeline(cfg, args.pipeline_id, check_plan=not args.ignore_plan)
-        print(f"\n[raylong] pipeline {result.pipeline_id} finished; MLflow: {redact(result.tracking_uri)}", flush=True)
+        print(f"\npipeline {result.pipeline_id} finished; MLflow: {redact(result.tracking_uri)}", flush=True)
         return 0
     if args.command in ("report", "compare"):
         from raylong.pipeline.report import compare_pipeline, format_table, stage_rows
-        from raylong.pipeline.tracking import Tracker, default_tracking_uri
         from raylong.storage import absolute
+        from raylong.tracking import Tracker, default_tracking_uri
 
         tracker = Tracker(default_tracking_uri(absolute(args.storage_path)))
         if args.command == "compare":

@@ -11,13 +11,14 @@ import hashlib
 import json
 import math
 import os
-import re
 import sysconfig
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raylong.credentials import redact, reject_credentials
 
 
 class RecipeError(ValueError):
@@ -26,29 +27,6 @@ class RecipeError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
-
-
-# Credentials come from the environment or Ray's runtime_env, never from a recipe: a recipe is logged.
-_USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@?#]*:[^/@?#]*@", re.I)
-_SECRET_QUERY = re.compile(r"[?&](access_key|secret_key|secret|password|token|sig|signature|sas|"
-                           r"x-amz-signature|x-amz-credential|x-amz-security-token)=", re.I)
-
-
-def reject_credentials(value: str | None, field: str) -> str | None:
-    if value is not None and (_USERINFO.search(value) or _SECRET_QUERY.search(value)):
-        raise ValueError(
-            f"{field} carries credentials in the URI; recipes are logged to MLflow, so set credentials in the "
-            f"environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, "
-            f"MLFLOW_TRACKING_TOKEN, ...) or Ray's runtime_env instead"
-        )
-    return value
-
-
-def redact(uri: str) -> str:
-    """A URI safe to print or log: user:password@ and secret query values replaced by ***."""
-    out = re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@?#]*@", r"\1***@", uri, flags=re.I)
-    return re.sub(r"([?&](?:access_key|secret_key|secret|password|token|sig|signature|sas|x-amz-[a-z-]+)=)[^&#]*",
-                  r"\1***", out, flags=re.I)
 
 
 # ----------------------------------------------------------------------------------------- model

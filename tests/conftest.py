@@ -68,3 +68,25 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def gloo_init(rank: int, world: int, port: int) -> None:
+    """In a spawned test process: join a `world`-process gloo group on loopback, one thread per process."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def gloo_exit() -> None:
+    """Leave the group and end the process once results are written, skipping interpreter teardown, where a
+    library's C++ thread left running has aborted the process ("terminate called without an active
+    exception") after all the work was done."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)

@@ -48,7 +48,7 @@ def test_sft_labels_only_on_assistant_tokens(ray_cluster, tokenizer_dir, tmp_pat
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 3))
     data = prepare_stage_data(sft_stage(str(path)), tokenizer_dir, str(tmp_path / "out"))
     tok = load_tokenizer(tokenizer_dir)
-    table = pq.read_table(data.train_path).to_pylist()
+    table = pq.read_table(data.train_uri).to_pylist()
     learned = []
     for row in table:
         ids, labels, pos = map(np.asarray, (row["input_ids"], row["labels"], row["position_ids"]))
@@ -103,7 +103,7 @@ def test_cache_reused_and_incomplete_output_never_reused(ray_cluster, tokenizer_
     assert not first.cached
     again = prepare_stage_data(stage, tokenizer_dir, str(tmp_path / "out"))
     assert again.cached and again.directory == first.directory
-    assert pq.read_table(again.train_path).num_rows == first.train_sequences
+    assert pq.read_table(again.train_uri).num_rows == first.train_sequences
     os.remove(os.path.join(first.directory, COMPLETE))  # as if the first run had crashed before its marker
     redo = prepare_stage_data(stage, tokenizer_dir, str(tmp_path / "out"))
     assert not redo.cached and redo.report["tokens_in"] == first.report["tokens_in"]
@@ -129,7 +129,7 @@ def test_parquet_source_and_mixture_shares(ray_cluster, tokenizer_dir, tmp_path)
     per = data.report["per_source"]
     assert per["pq"]["share_requested"] == 0.75 and abs(per["pq"]["share_achieved"] - 0.75) < 0.05
     assert per["pq"]["documents_over_budget"] > 0 and per["js"]["documents_over_budget"] > 0
-    train = {tuple(r["input_ids"]) for r in pq.read_table(data.train_path).to_pylist()}
-    held = {tuple(r["input_ids"]) for r in pq.read_table(data.heldout_path).to_pylist()}
+    train = {tuple(r["input_ids"]) for r in pq.read_table(data.train_uri).to_pylist()}
+    held = {tuple(r["input_ids"]) for r in pq.read_table(data.heldout_uri).to_pylist()}
     assert held and train and not (train & held)  # evaluation never sees a training sequence
     assert len(train) + len(held) == data.report["sequences_train"] + data.report["sequences_heldout"]

@@ -96,3 +96,37 @@ def test_loss_by_position_buckets_average_learnable_tokens():
     out = loss_by_position(losses, labels, 300)
     assert out["0-64"] == pytest.approx(np.arange(0, 64, 2).mean())
     assert out["256-300"] == pytest.approx(np.arange(256, 300, 2).mean())
+
+
+def test_every_dp_group_runs_as_many_forwards_and_scores_its_own_items():
+    """Inside the workers each forward is a collective over all ranks (ZeRO-3 gathers, TiledMLP): a DP group
+    with fewer items must still run as many forwards, and the extra ones must not be scored."""
+    from raylong.eval.run import dp_share
+
+    for n, dp in ((30, 4), (7, 2), (3, 4), (0, 2), (8, 2)):
+        shares = [dp_share(n, r, dp) for r in range(dp)]
+        assert sorted(i for mine, _ in shares for i in mine) == list(range(n))
+        assert len({len(mine) + extra for mine, extra in shares}) == 1, (n, dp, shares)
+
+
+def test_padding_forwards_are_run_but_not_scored(tokenizer_dir):
+    """18 items over 4 DP groups (5/5/4/4): each group makes 5 forwards; together they score each item once,
+    with the copier's 100%, exactly as the single-process evaluation does."""
+    from raylong.eval.run import combine, dp_share, score
+
+    suite = build_eval_suite(eval_stage("pretrain"), tokenizer_dir)
+    calls, parts = [], []
+    for dp_rank in range(4):
+        forward, made = copier(), []
+
+        def counting(ids, pos, labels, forward=forward, made=made):
+            made.append(1)
+            return forward(ids, pos, labels)
+
+        items, extra = dp_share(len(suite.passkey), dp_rank, 4)
+        parts.append(score(counting, suite, [], pad_id=0, items=items, heldout_ids=[], extra_items=extra))
+        calls.append(len(made))
+    assert calls == [5, 5, 5, 5]
+    assert sorted(i for p in parts for i in p["hits"]) == list(range(18))
+    summary = combine(suite, [], parts)
+    assert summary["metrics"]["eval/passkey_acc/128"] == summary["metrics"]["eval/passkey_acc/512"] == 1.0

@@ -87,6 +87,8 @@ class RayHead:
                f"--port={port}", f"--temp-dir={self.temp_dir}", "--num-cpus=4", "--min-worker-port=21000",
                "--max-worker-port=21999", *[f"{k}={v}" for k, v in ports.items()]]
         self.log = open(os.path.join(self.temp_dir, "head.out"), "w")
+        # a fresh HOME has no ~/.ray/auth_token, and `ray start --head` (token auth on) does not create one
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, check=True, capture_output=True)
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.address = f"127.0.0.1:{port}"
         self.env["RAY_ADDRESS"] = self.address
@@ -131,7 +133,7 @@ from raylong.data.prepare import prepare_stage_data
 stage = StageConfig.model_validate(json.loads(sys.argv[1]))
 for root in sys.argv[3:]:
     d = prepare_stage_data(stage, sys.argv[2], root)
-    print("RESULT " + json.dumps({"root": root, "cached": d.cached, "train_path": d.train_path,
+    print("RESULT " + json.dumps({"root": root, "cached": d.cached, "train_path": d.train_uri,
                                   "tokens_in": d.report["tokens_in"]}), flush=True)
 """
 
@@ -187,7 +189,7 @@ def faults(tokenizer_dir, tmp_path_factory):
 
 
 def tracker(faults):
-    from raylong.pipeline.tracking import Tracker
+    from raylong.tracking import Tracker
 
     return Tracker(f"sqlite:///{faults['storage']}/mlflow.db")
 
@@ -227,7 +229,7 @@ def test_concurrent_pipeline_is_untouched(faults):
             assert r.tags["data_dir"].startswith(f"{storage}/{pid}/data/")
             first_of_stage.setdefault(r.stage, r)
             if r.status == "FINISHED":
-                export = r.tags["checkpoint_uri"]
+                export = r.export_uri
                 assert export.startswith(f"{storage}/{pid}/stages/")
                 assert weights_checksum(export) == export_complete(export)["checksum"] == r.tags["export_checksum"]
         assert all(r.tags["data_cached"] == "False" for r in first_of_stage.values())  # each built its own

@@ -10,29 +10,26 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, gloo_exit, gloo_init
 from tests.test_sp_exactness import make_batches, stage_for
 
 pytestmark = pytest.mark.slow
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
-    import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    gloo_init(rank, world, port)
     from transformers import AutoConfig
 
     from raylong.train.engine import consolidated_state_dict
-    from raylong.train.loop import build_stage_engine, load_optimizer_state, micro_step, save_optimizer_state, shard_loader
+    from raylong.train.checkpoints import load_optimizer_state, save_optimizer_state
+    from raylong.train.step import build_stage_engine, micro_step
 
     batch = make_batches(AutoConfig.from_pretrained(model_dir).vocab_size)["packed"]
     stage = stage_for(3, sp=world, workers=world)
 
     def step(se):
-        micro_step(se, next(iter(shard_loader(se, [dict(batch)]))))
+        micro_step(se, next(iter(se.shard([dict(batch)]))))
 
     def weights(se):  # collective; the full state lands on rank 0 only
         state = consolidated_state_dict(se.engine, 3)
@@ -57,11 +54,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
     if rank == 0:
         torch.save({"reference": reference, "with_carry": with_carry, "without_carry": without_carry},
                    os.path.join(out_dir, "carry.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    # results are written: skip interpreter teardown, where a library's C++ thread left running has aborted
-    # the process ("terminate called without an active exception") after all the work was done
-    os._exit(0)
+    gloo_exit()
 
 
 def test_carried_optimizer_state_continues_the_previous_trajectory(tiny_model_dir, tmp_path):

@@ -63,7 +63,7 @@ def chain(ray_cluster, tokenizer_dir, tmp_path_factory):
     """Run 1 fails on bad SFT data; run 2 (same pipeline id, data fixed) resumes. Returns what we saw."""
     from raylong.data.prepare import DataError
     from raylong.pipeline.runner import run_pipeline
-    from raylong.pipeline.tracking import Tracker
+    from raylong.tracking import Tracker
 
     tmp_path = tmp_path_factory.mktemp("e2e")
     sft_file = str(tmp_path / "chat.jsonl")
@@ -112,7 +112,7 @@ def test_each_stage_starts_from_the_previous_export(chain):
     assert base is not None
     assert finished["cp_256"].tags["init_checksum"] == base["checksum"]
     assert finished["sft_512"].tags["init_checksum"] == finished["cp_256"].tags["export_checksum"]
-    assert finished["sft_512"].tags["init_from"] == finished["cp_256"].tags["checkpoint_uri"]
+    assert finished["sft_512"].tags["init_from"] == finished["cp_256"].export_uri
 
 
 def test_loss_curves_logged_and_falling(chain):
@@ -136,13 +136,16 @@ def test_exports_load_generate_and_carry_the_stage_rope(chain):
         if rec.status != "FINISHED":
             continue
         stage = cfg.stage(rec.stage)
-        path = rec.tags["checkpoint_uri"]
+        path = rec.export_uri
         with open(f"{path}/config.json") as f:
             config = json.load(f)
         assert config["rope_parameters"] == stage.rope.to_hf()
         assert config["max_position_embeddings"] >= stage.seq_len
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
+        # the chat template the stage trained with (assistant tokens tagged) and stops at end of text / of turn
+        assert "{% generation %}" in tok.chat_template.replace("{%-", "{%")
+        assert set(model.generation_config.eos_token_id) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")}
         ids = tok("def main():", return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
         assert out.shape[1] == ids.shape[1] + 6
@@ -166,13 +169,27 @@ def test_each_stage_is_evaluated_and_compared(chain):
     assert "cp_256" in text and "sft_512" in text and "512:" in text
 
 
-def test_final_export_is_a_registered_model_version_that_loads(chain):
-    from transformers import AutoModelForCausalLM
+def test_final_export_is_a_registered_mlflow_model_that_mlflow_loads_and_generates(chain, monkeypatch):
+    """The registered version is an MLflow model (transformers flavour): MLflow's own loaders open it by its
+    models:/ URI and generate, and its weights are the last stage's export."""
+    import mlflow.pyfunc
+    import mlflow.transformers
+    from safetensors.torch import load_file
 
     tracker = chain["tracker"]
     versions = tracker.client.search_model_versions("name = 'e2e-final'")
     assert len(versions) == 1
     v = versions[0]
     assert v.tags["pipeline_id"] == "e2e-1" and v.tags["recipe"] == "e2e" and v.tags["stage"] == "sft_512"
-    model = AutoModelForCausalLM.from_pretrained(v.source)
-    assert model.config.rope_parameters["rope_type"] == "yarn"
+    finished = {r.stage: r for r in tracker.stage_runs(chain["parent"]) if r.status == "FINISHED"}
+    assert v.run_id == finished["sft_512"].run_id and v.tags["export_uri"] == finished["sft_512"].export_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)  # models:/ resolves through the tracking store
+    pipe = mlflow.transformers.load_model(f"models:/e2e-final/{v.version}")
+    assert pipe.model.config.rope_parameters["rope_type"] == "yarn"
+    export = load_file(f"{v.tags['export_uri']}/model.safetensors")
+    loaded = pipe.model.state_dict()
+    assert all(torch.equal(loaded[k], w) for k, w in export.items()), "registered weights differ from the export"
+    text = pipe("def main():", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert text.startswith("def main():") and len(text) > len("def main():")
+    predicted = mlflow.pyfunc.load_model(f"models:/e2e-final/{v.version}").predict(["def main():"])
+    assert len(predicted) == 1 and isinstance(predicted[0], str) and predicted[0]

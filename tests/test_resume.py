@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 
 import pytest
+import ray.cloudpickle
 import torch
 
 from raylong.config import StageConfig
+from raylong.train.worker import StageWorker
 from tests.conftest import STDLIB
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get the fault-injecting class by value
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +36,21 @@ STAGE = StageConfig.model_validate({
 })
 
 
-def train(tiny_model_dir, tokenizer_dir, train_path, export_dir, storage, name, fail_at_step=None):
-    from raylong.train.launch import run_training
-    from raylong.train.loop import StageRun
+class KillRank1AtCrashStep(StageWorker):
+    """Rank 1 SIGKILLs itself before step CRASH_AT, only in an attempt that did not resume."""
 
-    run = StageRun(stage=STAGE.model_dump(mode="json"), init_dir=tiny_model_dir, tokenizer_dir=tokenizer_dir,
-                   train_path=train_path, export_dir=export_dir, fail_at_step=fail_at_step)
-    return run_training(STAGE, run, run_name=name, storage_path=storage, max_failures=2)
+    def before_step(self, step: int) -> None:
+        if step == CRASH_AT and self.rank == 1 and self.start_step == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(tiny_model_dir, tokenizer_dir, train_uri, export_dir, storage, name, worker_cls=None):
+    from raylong.train.launch import run_training
+    from raylong.train.spec import WorkerMode, WorkerSpec
+
+    spec = WorkerSpec(stage=STAGE, mode=WorkerMode.STAGE, init_uri=tiny_model_dir, tokenizer_uri=tokenizer_dir,
+                      train_uri=train_uri, export_uri=export_dir)
+    return run_training(spec, run_name=name, storage_path=storage, max_failures=2, worker_cls=worker_cls)
 
 
 def weights(export_dir: str) -> dict[str, torch.Tensor]:
@@ -58,17 +72,17 @@ def reference(ray_cluster, tokenizer_dir, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     data = prepare_stage_data(STAGE, tokenizer_dir, str(tmp / "data"))
     storage = str(tmp / "train")
-    result = train(tiny_model_dir, tokenizer_dir, data.train_path, str(tmp / "export_ref"), storage, "reference")
+    result = train(tiny_model_dir, tokenizer_dir, data.train_uri, str(tmp / "export_ref"), storage, "reference")
     assert result.error is None and int(result.metrics["resumed_from_step"]) == 0
-    return {"tmp": tmp, "train_path": data.train_path, "storage": storage, "weights": weights(str(tmp / "export_ref"))}
+    return {"tmp": tmp, "train_uri": data.train_uri, "storage": storage, "weights": weights(str(tmp / "export_ref"))}
 
 
 def test_sigkilled_worker_resumes_and_matches_the_uninterrupted_run(reference, tokenizer_dir, tiny_model_dir):
     from raylong.train.checkpoints import MANIFEST
 
     tmp = reference["tmp"]
-    result = train(tiny_model_dir, tokenizer_dir, reference["train_path"], str(tmp / "export_crash"),
-                   str(tmp / "train"), "crash", fail_at_step=CRASH_AT)
+    result = train(tiny_model_dir, tokenizer_dir, reference["train_uri"], str(tmp / "export_crash"),
+                   str(tmp / "train"), "crash", worker_cls=KillRank1AtCrashStep)
     assert result.error is None
     resumed = int(result.metrics["resumed_from_step"])
     redone = CRASH_AT - resumed
@@ -93,7 +107,7 @@ def test_truncated_newest_checkpoint_is_named_and_the_previous_one_used(referenc
         f.truncate(files[victim]["size"] // 2)
 
     export = str(reference["tmp"] / "export_rerun")
-    result = train(tiny_model_dir, tokenizer_dir, reference["train_path"], export, reference["storage"], "reference")
+    result = train(tiny_model_dir, tokenizer_dir, reference["train_uri"], export, reference["storage"], "reference")
     assert result.error is None
     assert int(result.metrics["resumed_from_step"]) == 3
     warning = result.metrics["skipped_checkpoints"]

@@ -3,7 +3,7 @@ computation, for every ZeRO stage raylong offers, on packed multi-document and S
 memory switches off and on (checkpointing + CPU offload of checkpoints + TiledMLP + tiled logits/loss,
 and ZeRO-3 optimizer/parameter offload).
 
-Two gloo processes run the same code the Ray Train workers run (build_stage_engine, shard_loader,
+Two gloo processes run the same code the Ray Train workers run (build_stage_engine, StageEngine.shard,
 micro_step); the reference is a plain transformers forward/backward on the whole sequence.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, gloo_exit, gloo_init
 
 ZERO_STAGES = (1, 2, 3)
 ALST = {"activation_checkpointing": True, "offload_checkpoints": True, "tiled_mlp": True, "tiled_loss": True,
@@ -63,16 +63,12 @@ def stage_for(zero: int, sp: int, workers: int, memory: dict | None = None):
 
 
 def _sp_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
-    import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    gloo_init(rank, world, port)
     from transformers import AutoConfig
 
     from raylong.train.engine import consolidated_state_dict
-    from raylong.train.loop import build_stage_engine, micro_step, shard_loader
+    from raylong.train.step import build_stage_engine, micro_step
 
     batches = make_batches(AutoConfig.from_pretrained(model_dir).vocab_size)
     runs = [(zero, variant, memory) for zero in ZERO_STAGES for variant, memory in VARIANTS.items()]
@@ -82,7 +78,7 @@ def _sp_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -
         for case, batch in batches.items():
             stage = stage_for(zero, sp=world, workers=world, memory=memory)
             se = build_stage_engine(stage, model_dir, optimizer_cls=torch.optim.SGD)
-            shard = next(iter(shard_loader(se, [dict(batch)])))
+            shard = next(iter(se.shard([dict(batch)])))
             loss, tokens = micro_step(se, shard)
             state = consolidated_state_dict(se.engine, zero)
             if rank == 0:
@@ -90,11 +86,7 @@ def _sp_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -
                                                   "params": {k: v.detach().clone() for k, v in state.items()}}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "sp2.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    # results are written: skip interpreter teardown, where a library's C++ thread left running has aborted
-    # the process ("terminate called without an active exception") after all the work was done
-    os._exit(0)
+    gloo_exit()
 
 
 def reference(model_dir: str, batch: dict[str, torch.Tensor]):

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tokenizer_dir, tmp_path_factory):
     from raylong.pipeline.sweep import run_sweep
-    from raylong.pipeline.tracking import Tracker
+    from raylong.tracking import Tracker
 
     tmp = tmp_path_factory.mktemp("sweep")
     recipe = tmp / "tiny.yaml"

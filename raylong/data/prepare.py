@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,12 +27,14 @@ import pyarrow.parquet as pq
 
 from raylong.config import DataConfig, SourceConfig, StageConfig, config_hash
 from raylong.data.packing import ConversationPacker, DocumentPacker, PackStats, length_copies
+from raylong.log import get_logger
 from raylong.storage import read_text, write_text
 from raylong.data.sources import BadRecord, ParsedFile, filesystem_and_path, parse_file, record_from_object, resolve_files
 
-log = logging.getLogger("raylong.data")
+log = get_logger(__name__)
 
 COMPLETE = "_COMPLETE.json"
+TRAIN_FILE, HELDOUT_FILE = "train.parquet", "heldout.parquet"
 TOKENS_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
@@ -54,11 +55,17 @@ class DataError(ValueError):
 
 @dataclass
 class PreparedData:
-    directory: str
-    train_path: str
-    heldout_path: str
+    directory: str  # a URI or an absolute local path, scheme kept (workers open it as it is)
     report: dict[str, Any]
     cached: bool
+
+    @property
+    def train_uri(self) -> str:
+        return f"{self.directory}/{TRAIN_FILE}"
+
+    @property
+    def heldout_uri(self) -> str:
+        return f"{self.directory}/{HELDOUT_FILE}"
 
     @property
     def train_sequences(self) -> int:
@@ -254,137 +261,184 @@ class _SequenceWriter:
         self.writer.close()
 
 
+class SplitWriter:
+    """Every `1/heldout_fraction`-th packed sequence to heldout.parquet, the rest to train.parquet."""
+
+    def __init__(self, fs: pafs.FileSystem, local_dir: str, seq_len: int, heldout_fraction: float):
+        self.train = _SequenceWriter(fs, f"{local_dir}/{TRAIN_FILE}", seq_len)
+        self.heldout = _SequenceWriter(fs, f"{local_dir}/{HELDOUT_FILE}", seq_len)
+        self.heldout_every = round(1 / heldout_fraction) if heldout_fraction > 0 else 0
+        self.sequences = 0
+
+    def write(self, seqs) -> None:
+        for seq in seqs:
+            self.sequences += 1
+            held = self.heldout_every and self.sequences % self.heldout_every == 0
+            (self.heldout if held else self.train).write(seq)
+
+    def close(self) -> None:
+        self.train.close()
+        self.heldout.close()
+
+
+class SourceBudget:
+    """Each source's token budget (its weight's share of data.token_budget) and length re-sampling, with
+    what they turned away or added, per source."""
+
+    def __init__(self, data: DataConfig):
+        self.data = data
+        self.weights = {s.name: s.weight for s in data.sources}
+        total = sum(self.weights.values())
+        self.budget = {n: (data.token_budget * w / total if data.token_budget else float("inf"))
+                       for n, w in self.weights.items()}
+        self.over_budget = {n: 0 for n in self.weights}
+        self.resampled = {n: {"skipped_short": 0, "extra_long_copies": 0} for n in self.weights}
+
+    def full(self, source: str, stats: PackStats) -> bool:
+        return stats.source(source).tokens_in >= self.budget[source]
+
+    def all_full(self, stats: PackStats) -> bool:
+        return all(self.full(n, stats) for n in self.weights)
+
+    def copies(self, source: str, n_tokens: int, origin: str) -> int:
+        """How many times a document enters the stream (0: skipped as short; > 1: a long one repeated)."""
+        ls = self.data.length_sampling
+        copies = 1 if ls is None else length_copies(n_tokens, origin, ls.short_below, ls.short_keep, ls.long_above,
+                                                     ls.long_repeat, self.data.seed)
+        if copies == 0:
+            self.resampled[source]["skipped_short"] += 1
+        self.resampled[source]["extra_long_copies"] += max(0, copies - 1)
+        return copies
+
+
+@dataclass
+class StreamCounts:
+    """What one pass over the tokenized stream saw."""
+
+    records: int = 0
+    bad: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_to_first_batch: float | None = None  # the fixed cost: planning, actor start-up, tokenizer load
+
+
+def cached_data(directory: str) -> PreparedData | None:
+    """The stage's data from an earlier run, when its commit marker is there."""
+    marker = read_text(f"{directory}/{COMPLETE}")
+    if marker is None:
+        return None
+    report = json.loads(marker)
+    log.info("data %s: reusing %s (%d sequences)", report["stage"], directory, report["sequences_train"])
+    return PreparedData(directory, report, cached=True)
+
+
+def pack_stream(stage: StageConfig, ds, packer, budget: SourceBudget, out: SplitWriter) -> StreamCounts:
+    """Tokenized records -> budget / length re-sampling -> packer -> train / held-out writers."""
+    sft = stage.kind == "sft"
+    counts = StreamCounts()
+    t0 = last_log = time.time()
+    for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
+        if counts.seconds_to_first_batch is None:
+            counts.seconds_to_first_batch = time.time() - t0
+        rows = zip(batch.column("source").to_pylist(), batch.column("origin").to_pylist(),
+                   numpy_lists(batch.column("tokens")), numpy_lists(batch.column("labels")),
+                   batch.column("error").to_pylist())
+        for source, origin, tokens, labels, error in rows:
+            counts.records += 1
+            if error:
+                counts.bad.append({"source": source, "origin": origin, "reason": error})
+                continue
+            if budget.full(source, packer.stats):
+                budget.over_budget[source] += 1
+                continue
+            for _ in range(budget.copies(source, len(tokens), origin)):
+                out.write(packer.add(tokens, labels, source) if sft else packer.add(tokens, source))
+        if time.time() - last_log > 10:
+            last_log = time.time()
+            log.info("data %s: %d records, %.0f tokens/s", stage.name, counts.records,
+                     packer.stats.tokens_in / (last_log - t0))
+        if budget.all_full(packer.stats):
+            break  # every source has its share: stop reading
+    out.write(packer.finish())
+    out.close()
+    counts.seconds = time.time() - t0
+    packer.stats.check()
+    return counts
+
+
 def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, cpus: float = 2) -> PreparedData:
     """Prepare (or reuse) the packed data of one stage. Raises DataError on bad input, before training."""
     from raylong.data.tokenize import load_tokenizer
 
     data = stage.data
-    sft = stage.kind == "sft"
     generated = materialize_generated_sources(data, tokenizer_dir, f"{data_root}/generated")
     files = resolve_sources(data, generated)
-    key = cache_key(stage, files, tokenizer_dir)
-    directory = f"{data_root}/{stage.name}-{key}"
+    directory = f"{data_root}/{stage.name}-{cache_key(stage, files, tokenizer_dir)}"
+    cached = cached_data(directory)
+    if cached is not None:
+        return cached
     fs, local = filesystem_and_path(directory)
-    train_path, heldout_path = f"{local}/train.parquet", f"{local}/heldout.parquet"
-    marker = read_text(f"{directory}/{COMPLETE}")
-    done = json.loads(marker) if marker is not None else None
-    if done is not None:
-        log.info("data %s: reusing %s (%d sequences)", stage.name, directory, done["sequences_train"])
-        return PreparedData(directory, train_path, heldout_path, done, cached=True)
     fs.create_dir(local, recursive=True)
     for stale in (COMPLETE, "report.json"):
-        fs.delete_file(f"{local}/{stale}") if fs.get_file_info(f"{local}/{stale}").type == pafs.FileType.File else None
+        if fs.get_file_info(f"{local}/{stale}").type == pafs.FileType.File:
+            fs.delete_file(f"{local}/{stale}")
 
-    tok = load_tokenizer(tokenizer_dir)
-    pad_id = tok.pad_token_id
-    packer = (
-        ConversationPacker(stage.seq_len, pad_id, data.sft_overlong)
-        if sft
-        else DocumentPacker(stage.seq_len, pad_id, data.tail_policy)
-    )
-    weights = {s.name: s.weight for s in data.sources}
-    total_w = sum(weights.values())
-    budget = {n: (data.token_budget * w / total_w if data.token_budget else float("inf")) for n, w in weights.items()}
-    over_budget = {n: 0 for n in weights}
-    resampled = {n: {"skipped_short": 0, "extra_long_copies": 0} for n in weights}
-    ls = data.length_sampling
-    heldout_every = round(1 / data.heldout_fraction) if data.heldout_fraction > 0 else 0
-    train_w = _SequenceWriter(fs, train_path, stage.seq_len)
-    held_w = _SequenceWriter(fs, heldout_path, stage.seq_len)
-    bad: list[dict] = []
-    records = 0
-    n_seq = 0
-
-    def emit(seqs) -> None:
-        nonlocal n_seq
-        for seq in seqs:
-            n_seq += 1
-            (held_w if heldout_every and n_seq % heldout_every == 0 else train_w).write(seq)
-
-    t0 = last_log = time.time()
-    ds = tokenized_dataset(files, data, tokenizer_dir, sft, cpus)
-    first_batch_s = None
-    for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
-        if first_batch_s is None:  # the fixed cost: planning, actor start-up, tokenizer load, first block
-            first_batch_s = time.time() - t0
-        rows = zip(batch.column("source").to_pylist(), batch.column("origin").to_pylist(),
-                   numpy_lists(batch.column("tokens")), numpy_lists(batch.column("labels")),
-                   batch.column("error").to_pylist())
-        for source, origin, tokens, labels, error in rows:
-            records += 1
-            if error:
-                bad.append({"source": source, "origin": origin, "reason": error})
-                continue
-            if packer.stats.source(source).tokens_in >= budget[source]:
-                over_budget[source] += 1
-                continue
-            copies = 1 if ls is None else length_copies(len(tokens), origin, ls.short_below, ls.short_keep,
-                                                         ls.long_above, ls.long_repeat, data.seed)
-            if copies == 0:
-                resampled[source]["skipped_short"] += 1
-            resampled[source]["extra_long_copies"] += max(0, copies - 1)
-            for _ in range(copies):
-                emit(packer.add(tokens, labels, source) if sft else packer.add(tokens, source))
-        if time.time() - last_log > 10:
-            last_log = time.time()
-            log.info("data %s: %d records, %.0f tokens/s", stage.name, records, packer.stats.tokens_in / (last_log - t0))
-        if all(packer.stats.source(n).tokens_in >= budget[n] for n in weights):
-            break  # every source has its share: stop reading
-    emit(packer.finish())
-    train_w.close()
-    held_w.close()
-    elapsed = time.time() - t0
-    packer.stats.check()
+    pad_id = load_tokenizer(tokenizer_dir).pad_token_id
+    packer = (ConversationPacker(stage.seq_len, pad_id, data.sft_overlong) if stage.kind == "sft"
+              else DocumentPacker(stage.seq_len, pad_id, data.tail_policy))
+    budget = SourceBudget(data)
+    out = SplitWriter(fs, local, stage.seq_len, data.heldout_fraction)
+    counts = pack_stream(stage, tokenized_dataset(files, data, tokenizer_dir, stage.kind == "sft", cpus), packer,
+                         budget, out)
 
     with fs.open_output_stream(f"{local}/bad_records.jsonl") as f:
-        f.write("".join(json.dumps(b) + "\n" for b in bad).encode())
-    report = build_report(stage, packer.stats, records, bad, over_budget, weights, train_w.count, held_w.count, elapsed)
-    for name, counts in resampled.items():
-        report["per_source"][name].update(counts)
-    report["seconds_to_first_batch"] = round(first_batch_s or elapsed, 2)
-    if isinstance(packer, ConversationPacker):
-        report["conversations_truncated"] = packer.conversations_truncated
-        report["conversations_dropped"] = packer.conversations_dropped
+        f.write("".join(json.dumps(b) + "\n" for b in counts.bad).encode())
+    report = build_report(stage, packer, budget, counts, out)
     write_text(f"{directory}/report.json", json.dumps(report, indent=2))
-    check_report(stage, report, bad, directory)
+    check_report(stage, report, counts.bad, directory)
     write_text(f"{directory}/{COMPLETE}", json.dumps(report, indent=2))  # commit marker, last
-    log.info(
-        "data %s: %d tokens -> %d train + %d held-out sequences of %d in %.1fs (%.0f tokens/s)",
-        stage.name, report["tokens_in"], train_w.count, held_w.count, stage.seq_len, elapsed, report["tokens_per_s"],
-    )
-    return PreparedData(directory, train_path, heldout_path, report, cached=False)
+    log.info("data %s: %d tokens -> %d train + %d held-out sequences of %d in %.1fs (%.0f tokens/s)", stage.name,
+             report["tokens_in"], out.train.count, out.heldout.count, stage.seq_len, counts.seconds,
+             report["tokens_per_s"])
+    return PreparedData(directory, report, cached=False)
 
 
-def build_report(stage, stats: PackStats, records, bad, over_budget, weights, n_train, n_held, elapsed) -> dict:
-    total_w = sum(weights.values())
+def build_report(stage: StageConfig, packer, budget: SourceBudget, counts: StreamCounts, out: SplitWriter) -> dict:
+    stats: PackStats = packer.stats
+    total_w = sum(budget.weights.values())
     packed = max(1, stats.tokens_packed)
-    return {
+    report = {
         "stage": stage.name,
         "seq_len": stage.seq_len,
-        "records": records,
-        "bad_records": len(bad),
+        "records": counts.records,
+        "bad_records": len(counts.bad),
         "documents_in": sum(s.documents for s in stats.per_source.values()),
         "tokens_in": stats.tokens_in,
         "tokens_packed": stats.tokens_packed,
         "tokens_padded": stats.tokens_padded,
         "tokens_dropped": stats.tokens_dropped,
-        "sequences_train": n_train,
-        "sequences_heldout": n_held,
-        "seconds": round(elapsed, 2),
-        "tokens_per_s": round(stats.tokens_in / max(elapsed, 1e-9), 1),
+        "sequences_train": out.train.count,
+        "sequences_heldout": out.heldout.count,
+        "seconds": round(counts.seconds, 2),
+        "tokens_per_s": round(stats.tokens_in / max(counts.seconds, 1e-9), 1),
         "per_source": {
             name: {
                 "documents": stats.source(name).documents,
                 "tokens_in": stats.source(name).tokens_in,
                 "tokens_packed": stats.source(name).tokens_packed,
                 "tokens_dropped": stats.source(name).tokens_dropped,
-                "documents_over_budget": over_budget[name],
-                "share_requested": round(weights[name] / total_w, 4),
+                "documents_over_budget": budget.over_budget[name],
+                "share_requested": round(weight / total_w, 4),
                 "share_achieved": round(stats.source(name).tokens_packed / packed, 4),
+                **budget.resampled[name],
             }
-            for name in weights
+            for name, weight in budget.weights.items()
         },
+        "seconds_to_first_batch": round(counts.seconds_to_first_batch or counts.seconds, 2),
     }
+    if isinstance(packer, ConversationPacker):
+        report["conversations_truncated"] = packer.conversations_truncated
+        report["conversations_dropped"] = packer.conversations_dropped
+    return report
 
 
 def check_report(stage: StageConfig, report: dict, bad: list[dict], directory: str) -> None:

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from raylong.data.packing import IGNORE
 from raylong.eval.suite import EvalSuite, loss_by_position, pad_to_multiple, passkey_hit, summarize
+from raylong.storage import fs_path
+from raylong.tracking import Tracker
 from raylong.train.loss import shift_labels
 
 # forward(input_ids [L], position_ids [L], labels [L]) -> (next-token loss [L], greedy next token [L])
@@ -37,8 +39,6 @@ def model_forward(model, multiple: int = 1) -> Forward:
 
 
 def read_heldout(path: str, limit: int) -> list[dict[str, np.ndarray]]:
-    from raylong.storage import fs_path
-
     fs, local = fs_path(path)
     if not os.path.exists(local) and "://" not in path:
         return []
@@ -47,26 +47,38 @@ def read_heldout(path: str, limit: int) -> list[dict[str, np.ndarray]]:
 
 
 def score(forward: Forward, suite: EvalSuite, heldout: list[dict[str, np.ndarray]], pad_id: int, multiple: int = 1,
-          items: list[int] | None = None, heldout_ids: list[int] | None = None) -> dict:
-    """Raw results for a subset of the suite: per-item passkey hits, per-sequence losses."""
-    items = range(len(suite.passkey)) if items is None else items
-    heldout_ids = range(len(heldout)) if heldout_ids is None else heldout_ids
+          items: list[int] | None = None, heldout_ids: list[int] | None = None, extra_items: int = 0,
+          extra_heldout: int = 0) -> dict:
+    """Raw results for a subset of the suite: per-item passkey hits, per-sequence losses. `extra_*` more
+    forwards are run on the first item / row and discarded, so that every DP group runs as many forwards as
+    the others (inside the workers each forward is a collective over all ranks)."""
+    items = list(range(len(suite.passkey)) if items is None else items)
+    heldout_ids = list(range(len(heldout)) if heldout_ids is None else heldout_ids)
     hits = {}
-    for i in items:
+    for k, i in enumerate(items + [0] * extra_items):
         item = suite.passkey[i]
         ids, pos = pad_to_multiple(item.input_ids, multiple, pad_id)
         _, argmax = forward(ids, pos, np.full(len(ids), IGNORE))
-        hits[i] = passkey_hit(argmax, item)
+        if k < len(items):
+            hits[i] = passkey_hit(argmax, item)
     losses, shorts = {}, {}
-    for j in heldout_ids:
+    for k, j in enumerate(heldout_ids + [0] * extra_heldout):
         row = heldout[j]
         loss, _ = forward(row["input_ids"], row["position_ids"], row["labels"])
-        losses[j] = loss
         n = suite.short_len
         short, _ = forward(row["input_ids"][:n], np.arange(n), row["labels"][:n])
-        mask = shift_labels(torch.as_tensor(row["labels"][:n])[None])[0].numpy() != IGNORE
-        shorts[j] = (float(short[mask].sum()), int(mask.sum()))
+        if k < len(heldout_ids):
+            losses[j] = loss
+            mask = shift_labels(torch.as_tensor(row["labels"][:n])[None])[0].numpy() != IGNORE
+            shorts[j] = (float(short[mask].sum()), int(mask.sum()))
     return {"hits": hits, "losses": losses, "shorts": shorts}
+
+
+def dp_share(n: int, dp_rank: int, dp: int) -> tuple[list[int], int]:
+    """The indices DP group `dp_rank` of `dp` scores out of n (round robin), and how many forwards it must add
+    to match the busiest group."""
+    mine = list(range(dp_rank, n, dp))
+    return mine, -(-n // dp) - len(mine)
 
 
 def combine(suite: EvalSuite, heldout: list[dict[str, np.ndarray]], parts: list[dict]) -> dict:
@@ -127,9 +139,11 @@ def evaluate_in_workers(se, suite_json: str, heldout_path: str, max_heldout: int
         raise ValueError(f"eval short_len {suite.short_len} must be divisible by sp_size {sp}")
     rank, world = dist.get_rank(), dist.get_world_size()
     dp_rank, dp = rank // sp, world // sp
+    items, extra_items = dp_share(len(suite.passkey), dp_rank, dp)
+    rows, extra_rows = dp_share(len(heldout), dp_rank, dp)
     se.engine.eval()
-    part = score(sharded_forward(se), suite, heldout, pad_id, multiple=sp,
-                 items=list(range(dp_rank, len(suite.passkey), dp)), heldout_ids=list(range(dp_rank, len(heldout), dp)))
+    part = score(sharded_forward(se), suite, heldout, pad_id, multiple=sp, items=items, heldout_ids=rows,
+                 extra_items=extra_items, extra_heldout=extra_rows)
     parts: list = [None] * world
     dist.all_gather_object(parts, part if se.sp_rank == 0 else None)
     se.engine.train()
@@ -138,8 +152,8 @@ def evaluate_in_workers(se, suite_json: str, heldout_path: str, max_heldout: int
     return combine(suite, heldout, [p for p in parts if p is not None])
 
 
-def record(summary: dict, run_id: str | None, out_dir: str | None = None) -> str:
-    """Write eval.json + PNGs; log metrics and artifacts to the stage's MLflow run."""
+def record(summary: dict, tracker: Tracker | None, run_id: str | None, out_dir: str | None = None) -> str:
+    """Write eval.json + PNGs; with a tracker, log metrics and artifacts to the stage's MLflow run."""
     from raylong.eval.plots import passkey_heatmap, position_curve
 
     out_dir = out_dir or tempfile.mkdtemp(prefix="raylong-eval-")
@@ -148,8 +162,7 @@ def record(summary: dict, run_id: str | None, out_dir: str | None = None) -> str
         json.dump(summary, f, indent=2)
     passkey_heatmap({summary["stage"]: summary["passkey"]}, os.path.join(out_dir, "passkey_heatmap.png"))
     position_curve({summary["stage"]: summary["loss_by_position"]}, os.path.join(out_dir, "loss_by_position.png"))
-    if run_id:
-        from raylong.pipeline.tracking import log_run_outputs
-
-        log_run_outputs(run_id, summary["metrics"], out_dir, "eval")
+    if tracker is not None and run_id:
+        tracker.log_metrics(run_id, summary["metrics"])
+        tracker.log_artifacts(run_id, out_dir, "eval")
     return out_dir

@@ -63,7 +63,7 @@ def check_data_sources(cfg: PipelineConfig) -> None:
 
 def check_tracking(cfg: PipelineConfig) -> None:
     """The rule default_tracking_uri applies, checked without creating anything."""
-    from raylong.pipeline.tracking import tracking_location_problem
+    from raylong.tracking import tracking_location_problem
 
     problem = tracking_location_problem(cfg.storage_path)
     if problem:

@@ -6,10 +6,13 @@ import json
 import os
 import tempfile
 
-from raylong.pipeline.tracking import Tracker
+from raylong.log import get_logger
+from raylong.tracking import Tracker
+
+log = get_logger(__name__)
 
 TABLE_COLUMNS = ["stage", "status", "seq_len", "steps", "first_loss", "last_loss", "heldout_loss", "short_loss",
-                 "passkey", "tokens_per_s", "wall_s", "checkpoint"]
+                 "passkey", "tokens_per_s", "wall_s", "export"]
 
 
 def stage_rows(tracker: Tracker, pipeline_id: str) -> list[dict]:
@@ -22,7 +25,7 @@ def stage_rows(tracker: Tracker, pipeline_id: str) -> list[dict]:
         latest[rec.stage] = rec  # runs come oldest first: keep the newest per stage
     rows = []
     for rec in sorted(latest.values(), key=lambda r: int(r.tags.get("stage_index", 0))):
-        run = tracker.client.get_run(rec.run_id)
+        run = tracker.get_run(rec.run_id)
         m = run.data.metrics
         losses = tracker.metric_history(rec.run_id, "train/loss")
         passkey = {int(k.rsplit("/", 1)[1]): v for k, v in m.items() if k.startswith("eval/passkey_acc/")}
@@ -40,7 +43,7 @@ def stage_rows(tracker: Tracker, pipeline_id: str) -> list[dict]:
             "passkey_by_length": passkey,
             "tokens_per_s": m.get("train/tokens_per_s", float("nan")),
             "wall_s": round((end - run.info.start_time) / 1000, 1),
-            "checkpoint": rec.tags.get("checkpoint_uri", ""),
+            "export": rec.export_uri or "",
             "run_id": rec.run_id,
             "losses": losses,
         })
@@ -62,9 +65,8 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 def stage_eval(tracker: Tracker, run_id: str) -> dict | None:
     """The stage's eval/eval.json artifact, if it has one."""
-    try:
-        path = tracker.client.download_artifacts(run_id, "eval/eval.json", tempfile.mkdtemp())
-    except Exception:
+    path = tracker.download_artifact(run_id, "eval/eval.json", tempfile.mkdtemp())
+    if path is None:
         return None
     with open(path) as f:
         return json.load(f)
@@ -76,7 +78,7 @@ def compare_pipeline(tracker: Tracker, pipeline_id: str, out_dir: str | None = N
 
     rows = stage_rows(tracker, pipeline_id)
     table = format_table(rows)
-    print(table, flush=True)
+    log.info("stages of pipeline %s:\n%s", pipeline_id, table)
     out_dir = out_dir or tempfile.mkdtemp(prefix="raylong-compare-")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "stages.txt"), "w") as f:
@@ -88,5 +90,5 @@ def compare_pipeline(tracker: Tracker, pipeline_id: str, out_dir: str | None = N
     position_curve({s: e["loss_by_position"] for s, e in evals.items() if e}, os.path.join(out_dir, "loss_by_position.png"))
     passkey_heatmap({s: e["passkey"] for s, e in evals.items() if e}, os.path.join(out_dir, "passkey_heatmaps.png"))
     parent = tracker.find_pipeline(pipeline_id)
-    tracker.client.log_artifacts(parent, out_dir, "compare")
+    tracker.log_artifacts(parent, out_dir, "compare")
     return table

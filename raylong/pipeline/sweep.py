@@ -11,15 +11,17 @@ with --write, written back into the recipe.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raylong.config import PipelineConfig, RecipeError, StageConfig, redact, set_dotted
-from raylong.pipeline.runner import PipelinePaths, ensure_base_model, ensure_ray, ensure_tokenizer
-from raylong.pipeline.tracking import Tracker, default_tracking_uri
-from raylong.storage import download_dir, write_text
+from raylong.config import PipelineConfig, RecipeError, SweepConfig, set_dotted
+from raylong.log import get_logger
+from raylong.pipeline.context import PipelineContext, StageInputs, new_pipeline_id
+from raylong.tracking import Tracker
+from raylong.train.spec import WorkerMode
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -29,6 +31,18 @@ class SweepResult:
     best_value: float
     best_trial_run_id: str
     trials: list[dict]
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one sweep shares (sent to each Tune trial with tune.with_parameters)."""
+
+    ctx: PipelineContext
+    index: int  # the stage's index in the recipe
+    inputs: StageInputs
+    init_uri: str
+    sweep_run_id: str
+    trials_storage: str
 
 
 def init_stage_export(cfg: PipelineConfig, index: int, tracker: Tracker, pipeline_id: str) -> str | None:
@@ -41,34 +55,38 @@ def init_stage_export(cfg: PipelineConfig, index: int, tracker: Tracker, pipelin
     if done is None:
         raise RecipeError(f"stage {cfg.stages[index].name!r} starts from stage {init_stage!r}, which has not finished "
                           f"in pipeline {pipeline_id!r}: run the pipeline up to it, or pass that pipeline's --pipeline-id")
-    return done.tags["checkpoint_uri"]
+    return done.export_uri
 
 
-def run_trial(candidate: dict, ctx: dict) -> None:
+def run_trial(candidate: dict, trial: TrialContext) -> None:
     """Tune function trainable: one trial = one Ray Train run with TuneReportCallback forwarding its evals."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raylong.train.launch import run_training
-    from raylong.train.loop import StageRun
 
-    stage = StageConfig.model_validate(ctx["stage"]).trial(candidate)
-    os.environ["MLFLOW_TRACKING_URI"] = ctx["tracking_uri"]  # forwarded to the training workers
-    tracker = Tracker(ctx["tracking_uri"])
+    ctx = trial.ctx
+    stage = ctx.cfg.stages[trial.index].trial(candidate)
     trial_name = tune.get_context().get_trial_name()
-    run_id = tracker.start_child(ctx["sweep_run_id"], ctx["pipeline_id"], "trial", trial_name, stage.model_dump(mode="json"),
-                                 {"stage": stage.name, "trial": trial_name,
-                                  **{f"candidate.{k}": str(v) for k, v in candidate.items()}})
-    run = StageRun(stage=stage.model_dump(mode="json"), init_dir=ctx["init_uri"], tokenizer_dir=ctx["tokenizer_uri"],
-                   train_path=ctx["train_path"], export_dir="", mlflow_run_id=run_id, eval_suite=ctx["eval_suite"],
-                   heldout_path=ctx["heldout_path"], eval_every=ctx["eval_every"])
-    try:
-        run_training(stage, run, run_name=trial_name, storage_path=ctx["train_storage"], max_failures=0,
-                     callbacks=[TuneReportCallback()])
-    except BaseException:
-        tracker.end_stage(run_id, "FAILED")
-        raise
-    tracker.end_stage(run_id, "FINISHED")
+    run_id = ctx.tracker.start_child(trial.sweep_run_id, ctx.pipeline_id, "trial", trial_name,
+                                     stage.model_dump(mode="json"),
+                                     {"stage": stage.name, "trial": trial_name,
+                                      **{f"candidate.{k}": str(v) for k, v in candidate.items()}})
+    spec = ctx.worker_spec(stage, trial.inputs, trial.init_uri, run_id, mode=WorkerMode.TRIAL,
+                           eval_every=ctx.cfg.stages[trial.index].sweep.eval_every)
+    # No terminal status from here: a trial Tune stops can still be unwinding in this thread after the driver
+    # settled its run, and a late FAILED would overwrite KILLED. close_trial_runs (the driver) is the one writer.
+    run_training(spec, run_name=trial_name, storage_path=trial.trials_storage, max_failures=0,
+                 callbacks=[TuneReportCallback()])
+
+
+def find_sweep(cfg: PipelineConfig, stage_name: str) -> tuple[int, SweepConfig]:
+    index = next((i for i, s in enumerate(cfg.stages) if s.name == stage_name), None)
+    if index is None:
+        raise RecipeError(f"--stage {stage_name!r}: no such stage (stages: {[s.name for s in cfg.stages]})")
+    if cfg.stages[index].sweep is None:
+        raise RecipeError(f"stages[{index}].sweep: stage {stage_name!r} has no sweep section (space, steps, metric)")
+    return index, cfg.stages[index].sweep
 
 
 def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = None, tracking_uri: str | None = None,
@@ -76,51 +94,32 @@ def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = No
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from raylong.data.prepare import prepare_stage_data
-    from raylong.eval.build import build_eval_suite
-    from raylong.pipeline.preflight import preflight
-
-    index = next((i for i, s in enumerate(cfg.stages) if s.name == stage_name), None)
-    if index is None:
-        raise RecipeError(f"--stage {stage_name!r}: no such stage (stages: {[s.name for s in cfg.stages]})")
+    index, sweep = find_sweep(cfg, stage_name)
     stage = cfg.stages[index]
-    if stage.sweep is None:
-        raise RecipeError(f"stages[{index}].sweep: stage {stage_name!r} has no sweep section (space, steps, metric)")
-    sweep = stage.sweep
-    preflight(cfg)
-    pipeline_id = pipeline_id or f"{cfg.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    paths = PipelinePaths(cfg.storage_path, pipeline_id)
-    tracking_uri = tracking_uri or default_tracking_uri(paths.storage)
-    tracker = Tracker(tracking_uri, artifact_root=f"{paths.storage}/mlartifacts")
-    print(f"[raylong] sweep of stage {stage.name} in pipeline {pipeline_id}: {sweep.num_trials} trials over "
-          f"{list(sweep.space)}, {sweep.steps} steps each, judged by {sweep.metric} ({sweep.mode}); "
-          f"MLflow {redact(tracking_uri)}", flush=True)
-    init_uri = init_stage_export(cfg, index, tracker, pipeline_id)  # refused here, before Ray, when missing
-    ensure_ray()
-    tokenizer_uri = ensure_tokenizer(cfg, paths)
-    tokenizer_local = download_dir(tokenizer_uri, tempfile.mkdtemp(prefix="raylong-tok-"))
-    init_uri = init_uri or ensure_base_model(cfg, tokenizer_local, paths)
-    data = prepare_stage_data(stage, tokenizer_local, paths.data)
+    ctx = PipelineContext.open(cfg, pipeline_id or new_pipeline_id(cfg, "sweep"), tracking_uri)
+    tracker = ctx.tracker
+    log.info("sweep of stage %s in pipeline %s: %d trials over %s, %d steps each, judged by %s (%s)", stage.name,
+             ctx.pipeline_id, sweep.num_trials, list(sweep.space), sweep.steps, sweep.metric, sweep.mode)
+    ctx.describe("sweep pipeline")
+    init_uri = init_stage_export(cfg, index, tracker, ctx.pipeline_id)  # refused here, before Ray, when missing
+    ctx.start()
+    init_uri = init_uri or ctx.base_model_uri
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    root = f"{paths.root}/sweeps/{stage.name}-{stamp}"
-    eval_suite = f"{root}/eval_suite.json"
-    write_text(eval_suite, build_eval_suite(stage, tokenizer_local).to_json())
+    root = f"{ctx.paths.root}/sweeps/{stage.name}-{stamp}"
+    inputs = ctx.prepare_stage(stage, eval_suite_uri=f"{root}/eval_suite.json")
 
-    sweep_run = tracker.start_child(None, pipeline_id, "sweep", f"sweep-{stage.name}-{stamp}",
+    sweep_run = tracker.start_child(None, ctx.pipeline_id, "sweep", f"sweep-{stage.name}-{stamp}",
                                     {"sweep": sweep.model_dump(mode="json")},
                                     {"stage": stage.name, "metric": sweep.metric, "mode": sweep.mode, "init_from": init_uri,
                                      "recipe": cfg.name})
-    context = {"stage": stage.model_dump(mode="json"), "tracking_uri": tracking_uri, "sweep_run_id": sweep_run,
-               "pipeline_id": pipeline_id, "init_uri": init_uri, "tokenizer_uri": tokenizer_uri,
-               "train_path": data.train_path, "heldout_path": data.heldout_path, "eval_suite": eval_suite,
-               "eval_every": sweep.eval_every, "train_storage": f"{root}/trials"}
+    trial = TrialContext(ctx, index, inputs, init_uri, sweep_run, f"{root}/trials")
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.evaluations, grace_period=1,
                                reduction_factor=sweep.reduction_factor)
                  if sweep.scheduler == "asha" else FIFOScheduler())
     space = {key: tune.grid_search(values) for key, values in sweep.space.items()}
     tuner = tune.Tuner(
         # the trial function itself holds nothing: its Ray Train workers hold the stage's CPUs / GPUs
-        tune.with_resources(tune.with_parameters(run_trial, ctx=context), {"CPU": 0, "memory": 2**20}),
+        tune.with_resources(tune.with_parameters(run_trial, trial=trial), {"CPU": 0, "memory": 2**20}),
         param_space=space,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                     max_concurrent_trials=sweep.max_concurrent_trials),
@@ -129,6 +128,7 @@ def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = No
     try:
         results = tuner.fit()
         trials = trial_table(results, sweep)
+        close_trial_runs(tracker, sweep_run, trials)
         complete = [t for t in trials if t["complete"] and t["value"] is not None]
         if not complete:
             raise RuntimeError(f"sweep of {stage.name}: no trial finished its {sweep.steps} steps with {sweep.metric}: "
@@ -136,23 +136,21 @@ def run_sweep(cfg: PipelineConfig, stage_name: str, pipeline_id: str | None = No
         # the best among trials that ran every step (one ASHA stopped was worse at its rung than a survivor)
         best = (min if sweep.mode == "min" else max)(complete, key=lambda t: t["value"])
         best_values, value, best_run = best["candidate"], float(best["value"]), best["run_id"]
-        close_trial_runs(tracker, trials)
         tracker.set_tags(sweep_run, {"best_trial_run": best_run, **{f"best.{k}": str(v) for k, v in best_values.items()}})
         tracker.log_metrics(sweep_run, {"best_value": value, "trials": len(trials),
                                         "trials_stopped_early": sum(t["stopped_early"] for t in trials)})
         tracker.log_json(sweep_run, {"best": best_values, "best_value": value, "trials": trials}, "sweep.json")
     except BaseException:
-        tracker.end_stage(sweep_run, "FAILED")
+        tracker.end_run(sweep_run, "FAILED")
         raise
-    tracker.end_stage(sweep_run, "FINISHED")
-    print(format_trials(trials, sweep.metric), flush=True)
-    print(f"[raylong] best {sweep.metric}={value:.4f} with {best_values} (trial run {best_run}; sweep run {sweep_run})",
-          flush=True)
+    tracker.end_run(sweep_run, "FINISHED")
+    log.info("trials:\n%s", format_trials(trials, sweep.metric))
+    log.info("best %s=%.4f with %s (trial run %s; sweep run %s)", sweep.metric, value, best_values, best_run, sweep_run)
     if write:
         if recipe_path is None:
             raise ValueError("--write needs the recipe path")
         write_best(recipe_path, index, best_values)
-        print(f"[raylong] wrote {best_values} into stages[{index}] of {recipe_path}", flush=True)
+        log.info("wrote %s into stages[%d] of %s", best_values, index, recipe_path)
     return SweepResult(sweep_run, best_values, value, best_run, trials)
 
 
@@ -176,19 +174,27 @@ def format_trials(trials: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def close_trial_runs(tracker: Tracker, trials: list[dict]) -> None:
-    """Settle each trial's MLflow status from what Tune saw. A trial the scheduler stops ends with its Tune actor,
-    so its run may say RUNNING, or FAILED if the stop interrupted training: it is KILLED with `stopped_early`."""
-    for t in trials:
-        if t["run_id"] is None:
-            continue
-        if t["complete"]:
-            tracker.end_stage(t["run_id"], "FINISHED")
-        elif t["stopped_early"]:
-            tracker.client.set_tag(t["run_id"], "stopped_early", "scheduler")
-            tracker.end_stage(t["run_id"], "KILLED")
+def _candidate_key(candidate: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in candidate.items()))
+
+
+def close_trial_runs(tracker: Tracker, sweep_run: str, trials: list[dict]) -> None:
+    """Settle every trial run's MLflow status from what Tune saw; the driver is the only writer of it. A trial
+    the scheduler stopped is KILLED with `stopped_early`; one that ran every step FINISHED; any other FAILED.
+    Runs are matched to Tune's results by candidate (a trial that failed before reporting has no run id there)."""
+    by_candidate = {_candidate_key(t["candidate"]): t for t in trials}
+    for rec in tracker.stage_runs(sweep_run):
+        t = by_candidate.get(_candidate_key({k.removeprefix("candidate."): v for k, v in rec.tags.items()
+                                             if k.startswith("candidate.")}))
+        if t is not None and t["run_id"] is None:
+            t["run_id"] = rec.run_id
+        if t is not None and t["complete"]:
+            tracker.end_run(rec.run_id, "FINISHED")
+        elif t is not None and t["stopped_early"]:
+            tracker.set_tags(rec.run_id, {"stopped_early": "scheduler"})
+            tracker.end_run(rec.run_id, "KILLED")
         else:
-            tracker.end_stage(t["run_id"], "FAILED")
+            tracker.end_run(rec.run_id, "FAILED")
 
 
 def write_best(recipe_path: str, index: int, values: dict[str, float]) -> None:

@@ -9,6 +9,9 @@ passed over is named in a warning with the reason.
 
 Resume takes the newest checkpoint in storage, not only the one Ray Train's controller registered:
 a worker killed right after reporting can take the newest registration down with it.
+
+The final optimizer state a later stage carries (`carry_optimizer_state`) is saved the same way: every
+rank's shards first, then a manifest from rank 0.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ import tempfile
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
+
+from raylong.log import get_logger
+
+log = get_logger(__name__)
 
 MANIFEST = "MANIFEST.json"
 CHECKPOINT_TAG = "state"
@@ -195,4 +202,33 @@ def restore_checkpoint(engine, rank: int) -> tuple[int, list[str]]:
 def _warn(skipped: list[str], rank: int) -> None:
     if rank == 0:
         for line in skipped:
-            print(f"[raylong] WARNING: checkpoint not used: {line}", flush=True)
+            log.warning("WARNING: checkpoint not used: %s", line)
+
+
+# ------------------------------------------------------------------------- optimizer state carry
+OPTIMIZER_TAG = "final"
+
+
+def save_optimizer_state(engine, uri: str, rank: int) -> None:
+    """The final DeepSpeed state (optimizer included) for a later stage to carry; collective."""
+    import torch.distributed as dist
+
+    from raylong.storage import upload_dir, write_text
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=OPTIMIZER_TAG)
+        upload_dir(d, uri)  # every rank adds its own shard files
+    dist.barrier()
+    if rank == 0:
+        write_text(f"{uri}/{MANIFEST}", json.dumps({"tag": OPTIMIZER_TAG, "world_size": dist.get_world_size()}))
+    dist.barrier()
+
+
+def load_optimizer_state(engine, uri: str) -> None:
+    """Optimizer moments from the previous stage; a fresh LR schedule for this one."""
+    from raylong.storage import download_dir, read_text
+
+    if read_text(f"{uri}/{MANIFEST}") is None:
+        raise RuntimeError(f"no complete optimizer state at {uri} to carry over")
+    local = download_dir(uri, tempfile.mkdtemp(prefix="raylong-optim-"))
+    engine.load_checkpoint(local, tag=OPTIMIZER_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)

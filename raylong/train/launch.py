@@ -1,27 +1,17 @@
-"""Ray Train adapter: run one stage's training loop on a TorchTrainer worker group."""
+"""Ray Train adapter: run a WorkerSpec on a TorchTrainer worker group."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import asdict
 
-from raylong.config import StageConfig
-from raylong.train.loop import StageRun, train_stage
+from raylong.credentials import credential_values
+from raylong.train.spec import WorkerSpec
+from raylong.train.worker import StageWorker, run_worker
 
-# Environment the workers need (Ray Train V2 passes only RAY_TRAIN_* variables by itself).
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                 "PYTORCH_CUDA_ALLOC_CONF", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-# Credentials: read from the driver's environment (or the job's runtime_env) and handed to the training
-# workers inside the train loop config (Ray's object store), not through worker_runtime_env: Ray's
-# runtime-env agent writes every runtime_env it sets up, env_vars included, to its log.
-CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                  "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS",
-                  "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "MLFLOW_TRACKING_USERNAME",
-                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL", "HF_TOKEN")
-
-
-def credential_names() -> list[str]:
-    return [k for k in CREDENTIAL_ENV if os.environ.get(k)]
+# Non-secret environment the workers need (Ray Train V2 passes only RAY_TRAIN_* variables by itself).
+FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "PYTORCH_CUDA_ALLOC_CONF",
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
@@ -35,22 +25,21 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def run_training(stage: StageConfig, run: StageRun, run_name: str, storage_path: str, max_failures: int = 2,
-                 callbacks: list | None = None):
-    """TorchTrainer.fit() for one stage. A rerun with the same (run_name, storage_path) resumes from the
-    latest complete checkpoint."""
+def run_training(spec: WorkerSpec, run_name: str, storage_path: str, max_failures: int = 2,
+                 callbacks: list | None = None, worker_cls: type[StageWorker] | None = None):
+    """TorchTrainer.fit() for one stage or trial. A rerun with the same (run_name, storage_path) resumes
+    from the latest complete checkpoint. The driver's credentials travel inside the spec."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    p = stage.parallel
+    p = spec.stage.parallel
     resources = {"CPU": p.cpus_per_worker}
     if p.use_gpu:
         resources["GPU"] = 1
-    config = asdict(run)
-    config["credentials"] = {k: os.environ[k] for k in credential_names()}
+    spec = dataclasses.replace(spec, credentials=credential_values())
     trainer = TorchTrainer(
-        train_stage,
-        train_loop_config=config,
+        run_worker,
+        train_loop_config={"spec": spec, "worker_cls": worker_cls},
         scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,

@@ -1,8 +1,11 @@
 """Token-weighted causal-LM loss, exact across sequence-parallel shards.
 
 Each SP rank holds a slice of the sequence and so a different number of learnable tokens. The loss is
-sum(token losses over all shards) / (learnable tokens over all shards): the sums are all-gathered with
-the differentiable all_gather so each rank's backward gets its share of the gradient.
+sum(token losses over all shards) / (learnable tokens over all shards): the per-rank sums are added over
+the SP group by `GroupSum`, whose backward adds the incoming gradients over the group again, so each
+rank's backward gets its share of the gradient (what the differentiable all_gather + sum computes).
+torch's own differentiable all_gather cannot be used: on gloo its backward scatters from *global* rank
+i of each group position, which fails for every SP group that does not hold global rank 0 (DP > 1).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE = -100
+from raylong.data.packing import IGNORE
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -32,13 +35,26 @@ def token_weighted_loss(loss_sum: torch.Tensor, count: torch.Tensor, sp_group=No
     if sp_group is None:
         tokens = int(count.item())
         return loss_sum / max(tokens, 1), tokens
-    from torch.distributed.nn.functional import all_gather
+    tokens = group_sum(count, sp_group)
+    return GroupSum.apply(loss_sum, sp_group) / max(tokens, 1), tokens
 
-    sums = all_gather(loss_sum, group=sp_group)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size(sp_group))]
-    dist.all_gather(counts, count, group=sp_group)
-    tokens = int(sum(c.item() for c in counts))
-    return torch.stack(list(sums)).sum() / max(tokens, 1), tokens
+
+class GroupSum(torch.autograd.Function):
+    """Differentiable sum of a tensor over a process group: forward and backward are both all-reduce SUM
+    within `group` (any subgroup: no global rank is assumed to be in it)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.detach().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def group_sum(value: torch.Tensor, group=None, as_float: bool = False):

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE = -100
+from raylong.train.loss import IGNORE
+
 LOSS_TILE_BYTES = 1 << 28  # fp32 logits per tile: 256 MiB
 MIN_MLP_TILE = 1024
 

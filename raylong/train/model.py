@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from raylong.config import ModelConfig, StageConfig
+
+END_OF_TURN = "<|eot_id|>"
 
 
 def stage_model_config(init_dir: str, stage: StageConfig, attn_implementation: str):
@@ -55,17 +56,31 @@ def save_export(model, state_dict, tokenizer_dir: str, out_uri: str) -> None:
     EXPORT.json last, so a half-written export is never mistaken for a complete one."""
     from raylong.storage import upload_dir
 
+    from raylong.data.tokenize import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)  # with the chat template the stage trained with (SFT masks)
     with tempfile.TemporaryDirectory() as tmp:
         model.config.use_cache = True
+        if model.generation_config is not None:  # generation stops at the end of a turn, not only of the text
+            model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file():
-                shutil.copy(f, Path(tmp) / f.name)
+        tokenizer.save_pretrained(tmp)
         manifest = {"files": sorted(p.name for p in Path(tmp).iterdir()), "checksum": weights_checksum(tmp)}
         upload_dir(tmp, out_uri)
     from raylong.storage import write_text
 
     write_text(f"{out_uri}/EXPORT.json", json.dumps(manifest, indent=2))
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End of text, and end of turn when the vocabulary has it (`<|eot_id|>`, what the chat template closes
+    every message with): an instruct model stops at either."""
+    ids = [tokenizer.eos_token_id]
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id and eot not in ids:
+        ids.append(eot)
+    return ids
 
 
 def weights_checksum(model_dir: str) -> str:

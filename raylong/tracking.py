@@ -1,7 +1,11 @@
-"""MLflow adapter: one parent run per pipeline, one nested child run per stage.
+"""MLflow, for the driver and the workers alike: one parent run per pipeline, one nested child run per
+stage (or sweep, or sweep trial).
 
 The chain's durable state lives here: a rerun of a pipeline id finds its parent run by tag and skips
-every stage whose child run is FINISHED, starting the next one from that run's `checkpoint_uri`.
+every stage whose child run is FINISHED, starting the next one from that run's `export_uri` (the
+Hugging Face export; runs recorded before the tag was renamed carry it as `checkpoint_uri`).
+Workers open a Tracker on the stage run the driver created (`Tracker(uri)` touches no experiment
+until a run is created or searched).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from raylong.config import flatten
 
 EXPERIMENT = "raylong"
 PARENT_TAG = "mlflow.parentRunId"
+EXPORT_TAG = "export_uri"  # where a stage's Hugging Face export is
+LEGACY_EXPORT_TAG = "checkpoint_uri"  # the same, as runs recorded before the rename call it
 
 
 def tracking_location_problem(storage_path: str) -> str | None:
@@ -49,6 +55,10 @@ class StageRecord:
     status: str
     tags: dict[str, str]
 
+    @property
+    def export_uri(self) -> str | None:
+        return self.tags.get(EXPORT_TAG) or self.tags.get(LEGACY_EXPORT_TAG)
+
 
 @contextlib.contextmanager
 def sqlite_setup_lock(tracking_uri: str):
@@ -68,21 +78,34 @@ def sqlite_setup_lock(tracking_uri: str):
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str, artifact_root: str | None = None, experiment: str = EXPERIMENT):
-        from mlflow.exceptions import MlflowException
+    """Every MLflow read and write raylong makes goes through here."""
 
+    def __init__(self, tracking_uri: str, artifact_root: str | None = None, experiment: str = EXPERIMENT):
         self.tracking_uri = tracking_uri
-        with sqlite_setup_lock(tracking_uri):
+        with sqlite_setup_lock(tracking_uri):  # the client's first contact creates a new SQLite store's tables
             self.client = MlflowClient(tracking_uri)
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                try:
-                    exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
-                except MlflowException:  # created meanwhile by another driver (tracking server)
-                    exp_id = self.client.get_experiment_by_name(experiment).experiment_id
-            else:
-                exp_id = exp.experiment_id
-        self.experiment_id = exp_id
+        self._artifact_root, self._experiment, self._experiment_id = artifact_root, experiment, None
+
+    def __reduce__(self):  # travels to Ray Tune trials as its settings; the client is rebuilt there
+        return (_reopen_tracker, (self.tracking_uri, self._artifact_root, self._experiment, self._experiment_id))
+
+    @property
+    def experiment_id(self) -> str:
+        """The experiment's id, created on first use (serialised for a new SQLite store)."""
+        if self._experiment_id is None:
+            from mlflow.exceptions import MlflowException
+
+            with sqlite_setup_lock(self.tracking_uri):
+                exp = self.client.get_experiment_by_name(self._experiment)
+                if exp is not None:
+                    self._experiment_id = exp.experiment_id
+                else:
+                    try:
+                        self._experiment_id = self.client.create_experiment(self._experiment,
+                                                                            artifact_location=self._artifact_root)
+                    except MlflowException:  # created meanwhile by another driver (tracking server)
+                        self._experiment_id = self.client.get_experiment_by_name(self._experiment).experiment_id
+        return self._experiment_id
 
     # ------------------------------------------------------------------------------ pipeline
     def find_pipeline(self, pipeline_id: str) -> str | None:
@@ -107,9 +130,6 @@ class Tracker:
         )
         self.client.log_text(run.info.run_id, recipe_json, "recipe.json")
         return run.info.run_id
-
-    def end_pipeline(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
 
     # --------------------------------------------------------------------------------- stages
     def stage_runs(self, parent_id: str) -> list[StageRecord]:
@@ -154,8 +174,11 @@ class Tracker:
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """One log_batch per 500 metrics (None values left out)."""
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -163,32 +186,49 @@ class Tracker:
     def log_json(self, run_id: str, obj: dict, name: str) -> None:
         self.client.log_text(run_id, json.dumps(obj, indent=2), name)
 
-    def end_stage(self, run_id: str, status: str = "FINISHED") -> None:
+    def log_artifacts(self, run_id: str, directory: str, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, directory, artifact_path)
+
+    def download_artifact(self, run_id: str, path: str, dest: str) -> str | None:
+        """A local copy of one artifact of the run, or None when it has none at `path`."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.download_artifacts(run_id, path, dest)
+        except (MlflowException, OSError):
+            return None
+
+    def get_run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
-    def register_export(self, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
-        """A new version of registered model `name` pointing at an HF export; returns the version."""
+    def model_version_of_run(self, name: str, run_id: str) -> str | None:
+        """The version of registered model `name` created from run `run_id`, if there is one."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            return None
+        return next((mv.version for mv in versions if mv.run_id == run_id), None)
+
+    def create_model_version(self, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
+        """A new version of registered model `name` (created if needed) pointing at an MLflow model."""
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.create_registered_model(name, description="raylong: final stage exports")
         except MlflowException:
             pass  # already registered
-        for mv in self.client.search_model_versions(f"name = '{name}'"):
-            if mv.run_id == run_id and mv.source == source:
-                return mv.version  # a resumed pipeline registers its export once
-        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
-        return mv.version
+        return self.client.create_model_version(name, source=source, run_id=run_id, tags=tags).version
 
     def metric_history(self, run_id: str, key: str) -> list[float]:
         return [m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def log_run_outputs(run_id: str, metrics: dict[str, float], directory: str, artifact_path: str) -> None:
-    """From any process with MLFLOW_TRACKING_URI set: metrics + every file of `directory` as artifacts."""
-    client = MlflowClient()
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i : i + 500])
-    client.log_artifacts(run_id, directory, artifact_path)
+def _reopen_tracker(tracking_uri: str, artifact_root: str | None, experiment: str, experiment_id: str | None) -> Tracker:
+    tracker = Tracker(tracking_uri, artifact_root, experiment)
+    tracker._experiment_id = experiment_id
+    return tracker
