@@ -148,6 +148,16 @@ def stage_model_shape(cfg: PipelineConfig) -> ModelShape:
         return ModelShape.from_hf_config(LlamaConfig(**cfg.model.init))
     from transformers import AutoConfig
 
+    if "://" in cfg.model.path:  # an object-store directory: transformers would take the URI for a hub id
+        import json
+
+        from raylong.storage import read_text
+
+        text = read_text(f"{cfg.model.path.rstrip('/')}/config.json")
+        if text is None:
+            raise FileNotFoundError(f"model.path: no config.json at {cfg.model.path}")
+        fields = json.loads(text)
+        return ModelShape.from_hf_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
     return ModelShape.from_hf_config(AutoConfig.from_pretrained(cfg.model.path))
 
 

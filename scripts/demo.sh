@@ -15,6 +15,9 @@ export MLFLOW_TRACKING_URI="sqlite:///$RUNS/mlflow.db"
 free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 GCS_PORT=$(free_port); DASH_PORT=$(free_port)
 RAY_TMP=$(mktemp -d /tmp/rl-ray.XXXX)
+# `ray start --head` enables token auth but, unlike ray.init(), does not create a token: on a fresh machine
+# (no ~/.ray/auth_token) it refuses to start. Create one if missing (it is printed: keep it off the console).
+ray get-auth-token --generate > /dev/null
 
 ray start --head --block --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
     --port="$GCS_PORT" --dashboard-port="$DASH_PORT" --temp-dir="$RAY_TMP" \

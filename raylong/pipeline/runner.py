@@ -38,7 +38,8 @@ class PipelineResult:
 
 
 def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_uri: str | None = None,
-                 check_plan: bool = True) -> PipelineResult:
+                 check_plan: bool = True, worker_cls=None) -> PipelineResult:
+    """`worker_cls`: a StageWorker subclass the stages' workers run instead (tests inject faults with it)."""
     from raylong.train.model import export_complete
 
     ctx = PipelineContext.open(cfg, pipeline_id or new_pipeline_id(cfg), tracking_uri, check_plan)
@@ -63,7 +64,8 @@ def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_u
                 result.stages.append(StageOutcome(stage.name, done.run_id, done.export_uri, skipped=True))
                 log.info("stage %d %s: FINISHED in run %s, skipped", index, stage.name, done.run_id)
                 continue
-            outcome = run_stage(ctx, parent, index, stage, init_uri, save_optimizer=stage.name in carried)
+            outcome = run_stage(ctx, parent, index, stage, init_uri, save_optimizer=stage.name in carried,
+                                worker_cls=worker_cls)
             exports[stage.name] = outcome.export_uri
             result.stages.append(outcome)
         finish_pipeline(ctx, parent, result)
@@ -90,7 +92,7 @@ def finish_pipeline(ctx: PipelineContext, parent: str, result: PipelineResult) -
 
 
 def run_stage(ctx: PipelineContext, parent: str, index: int, stage: StageConfig, init_uri: str,
-              save_optimizer: bool = False) -> StageOutcome:
+              save_optimizer: bool = False, worker_cls=None) -> StageOutcome:
     """data -> train -> export -> record, for one stage, inside its own child run."""
     from raylong.train.launch import run_training
     from raylong.train.model import export_complete
@@ -114,7 +116,8 @@ def run_stage(ctx: PipelineContext, parent: str, index: int, stage: StageConfig,
             stage, inputs, init_uri, run_id, export_uri=export_uri,
             save_optimizer_to=paths.optimizer_state(stage.name) if save_optimizer else None,
             optimizer_from=paths.optimizer_state(init_stage) if stage.optim.carry_optimizer_state else None)
-        fit = run_training(spec, run_name=f"{ctx.pipeline_id}-{stage.name}", storage_path=paths.train)
+        fit = run_training(spec, run_name=f"{ctx.pipeline_id}-{stage.name}", storage_path=paths.train,
+                           worker_cls=worker_cls)
         manifest = export_complete(export_uri)
         if manifest is None:
             raise RuntimeError(f"stage {stage.name}: training ended without a complete export at {export_uri}")
