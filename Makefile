@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-quick bench clean
+.PHONY: venv demo test test-quick bench clean constraints
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,3 +27,9 @@ test-quick: venv
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Pin the cluster's nodes to the environment the tests passed in (see requirements/constraints-py311.txt).
+constraints: venv
+	{ sed -n '1,4p' requirements/constraints-py311.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^raylong' \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > requirements/constraints.tmp
+	mv requirements/constraints.tmp requirements/constraints-py311.txt

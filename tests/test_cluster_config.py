@@ -51,3 +51,28 @@ def test_head_type_must_exist(raw):
     bad["head_node_type"] = "nope"
     with pytest.raises(ClusterConfigError, match="head_node_type"):
         validate_cluster_config(bad)
+
+
+def test_every_node_matches_the_tested_environment_and_reaches_the_bucket(raw):
+    """What autoscaled nodes need to run what the tests ran: the tested Python, the pinned versions, flash-attn
+    built the way its authors say, a role for the bucket, the cluster's auth token, one zone, EFA on GPU nodes."""
+    import os
+
+    setup = "\n".join(raw["setup_commands"])
+    constraints = "requirements/constraints-py311.txt"
+    assert os.path.exists(constraints) and f"-c ~/raylong/{constraints}" in setup
+    with open(constraints) as f:
+        pins = dict(line.strip().split("==", 1) for line in f if "==" in line and not line.startswith("#"))
+    import ray
+    import torch
+
+    assert pins["ray"] == ray.__version__ and pins["torch"] == torch.__version__.split("+")[0]
+    assert "python3.11 -m venv" in setup  # the constraints are for 3.11
+    for name, node in raw["available_node_types"].items():
+        assert "raylong-node" in node["node_config"]["IamInstanceProfile"]["Arn"], name
+    gpu = raw["available_node_types"]["gpu_h100x8"]
+    assert any("--no-build-isolation" in c and "flash-attn" in c for c in gpu["worker_setup_commands"])
+    assert gpu["node_config"]["NetworkInterfaces"][0]["InterfaceType"] == "efa" and gpu["node_config"]["Placement"]
+    assert "," not in raw["provider"]["availability_zone"]
+    assert ".gitignore" in raw["rsync_filter"]
+    assert any(dest.endswith(".ray/auth_token") for dest in raw["file_mounts"])
