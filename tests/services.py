@@ -130,7 +130,10 @@ class LoopbackCluster(_Service):
     Ray is imported). Jobs go in through `ray job submit`, as a user's do."""
 
     def __init__(self, workdir: str, cpus: int):
-        dashboard_port, gcs_port = free_ports(2)
+        # Every port either node would take (several at fixed defaults, like the dashboard agent's 52365),
+        # drawn in one call so that no two are the same. Drawn separately, a port could be handed out again
+        # before the process it was meant for had bound it, and two agents then shared it.
+        dashboard_port, gcs_port, client_port, *ports = free_ports(3 + 2 * len(NODE_PORTS))
         self.dashboard = f"http://127.0.0.1:{dashboard_port}"
         # what `ray start` on a real node has: every Ray process (the job's driver included) inherits it
         self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
@@ -142,8 +145,8 @@ class LoopbackCluster(_Service):
         self.ready = os.path.join(workdir, "cluster.ready")
         # Ray's sockets live under its temp dir and a Unix socket path has at most 107 bytes: keep it short
         self.temp_dir = tempfile.mkdtemp(prefix="rl-", dir="/tmp")
-        self._start([sys.executable, "-m", "tests.services", self.temp_dir, str(cpus),
-                     str(dashboard_port), str(gcs_port), self.ready],
+        self._start([sys.executable, "-m", "tests.services", self.temp_dir, str(cpus), self.ready,
+                     *map(str, (dashboard_port, gcs_port, client_port, *ports))],
                     {**self.env, "PYTHONPATH": REPO}, os.path.join(workdir, "cluster.log"))
         wait_for(lambda: os.path.exists(self.ready), 240, "the Ray cluster", self.proc)
         wait_for(lambda: self.ray("job", "list").returncode == 0, 120, "the Ray Jobs API", self.proc)
@@ -190,26 +193,24 @@ class LoopbackCluster(_Service):
         shutil.rmtree(f"{self.temp_dir}-worker", ignore_errors=True)
 
 
-def _node_ports() -> dict[str, int]:
-    """Ports Ray would otherwise take at fixed defaults (the dashboard agent's 52365, ...): two nodes on one
-    address, or another Ray instance on this machine, would collide on them."""
-    names = ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port", "runtime_env_agent_port")
-    return dict(zip(names, free_ports(len(names))))
+NODE_PORTS = ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port", "runtime_env_agent_port")
 
 
-def _run_cluster(temp_dir: str, cpus: int, dashboard_port: int, gcs_port: int, ready: str) -> None:
+def _run_cluster(temp_dir: str, cpus: int, ready: str, ports: list[int]) -> None:
     from ray.cluster_utils import Cluster
 
-    (client_port,) = free_ports(1)
+    dashboard_port, gcs_port, client_port, *node_ports = ports
+    head_ports = dict(zip(NODE_PORTS, node_ports[: len(NODE_PORTS)]))
+    worker_ports = dict(zip(NODE_PORTS, node_ports[len(NODE_PORTS) :]))
     cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
         "num_cpus": 0, "node_ip_address": "127.0.0.1", "gcs_server_port": gcs_port, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "temp_dir": temp_dir,
-        "ray_client_server_port": client_port, **_node_ports()})
+        "ray_client_server_port": client_port, **head_ports})
     # its own temp dir and log monitor, as a real node has its own disk: sharing the head's, the two
     # runtime-env agents extracted the job's working_dir into one directory, replacing it under the running
     # job driver (cluster_utils turns the log monitor off on added nodes, which share the head's by default)
     cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1", object_store_memory=400 * 2**20,
-                     temp_dir=f"{temp_dir}-worker", include_log_monitor=True, **_node_ports())
+                     temp_dir=f"{temp_dir}-worker", include_log_monitor=True, **worker_ports)
     cluster.wait_for_nodes()
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -249,4 +250,4 @@ def non_loopback_sockets() -> list[str]:
 
 
 if __name__ == "__main__":  # LoopbackCluster's helper process
-    _run_cluster(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    _run_cluster(sys.argv[1], int(sys.argv[2]), sys.argv[3], [int(p) for p in sys.argv[4:]])

@@ -102,13 +102,18 @@ def production(tokenizer_dir, tiny_model_dir, tmp_path_factory):
             ended = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
             return ended.group(1).upper() if ended else "RUNNING"
 
+        def pipeline_failed() -> bool:
+            parent = tracker.find_pipeline(PIPELINE)
+            return parent is not None and tracker.get_run(parent).info.status == "FAILED"
+
         def finished() -> bool:
-            if job_status() != "RUNNING":
+            # a failed pipeline ends the wait even if its driver process has not exited yet
+            if job_status() != "RUNNING" or pipeline_failed():
                 return True
             seen["sockets"] += non_loopback_sockets()
             return False
 
-        wait_for(finished, 1500, "the pipeline job")
+        wait_for(finished, 1200, "the pipeline job")
         seen["status"] = job_status()
         logs = cluster.ray("job", "logs", submission, timeout=120)
         seen["logs"] = logs.stdout + logs.stderr
