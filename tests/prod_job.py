@@ -24,13 +24,20 @@ class KillRank1Once(StageWorker):
 
 
 def main() -> None:
+    import ray
+
     from raylong.config import load_recipe
+    from raylong.log import get_logger
+    from raylong.pipeline.context import ensure_ray
     from raylong.pipeline.runner import run_pipeline
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--pipeline-id", required=True)
     args = parser.parse_args()
+    ensure_ray()
+    # the test checks the driver joined the cluster the job was submitted to, not another one on this host
+    get_logger(__name__).info("job driver joined the Ray cluster at %s", ray.get_runtime_context().gcs_address)
     run_pipeline(load_recipe(args.recipe), args.pipeline_id, worker_cls=KillRank1Once)
 
 

@@ -135,6 +135,7 @@ class LoopbackCluster(_Service):
         # before the process it was meant for had bound it, and two agents then shared it.
         dashboard_port, gcs_port, client_port, *ports = free_ports(3 + 2 * len(NODE_PORTS))
         self.dashboard = f"http://127.0.0.1:{dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{gcs_port}"
         # what `ray start` on a real node has: every Ray process (the job's driver included) inherits it
         self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
                     "RAY_ADDRESS": self.dashboard}
@@ -212,6 +213,14 @@ def _run_cluster(temp_dir: str, cpus: int, ready: str, ports: list[int]) -> None
     cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1", object_store_memory=400 * 2**20,
                      temp_dir=f"{temp_dir}-worker", include_log_monitor=True, **worker_ports)
     cluster.wait_for_nodes()
+    # What `ray start` writes on every node and cluster_utils does not: the GCS address in the node's temp
+    # dir. The job supervisor resolves the driver's RAY_ADDRESS ("auto") from that file; without it Ray falls
+    # back to any GCS process it finds on the machine, and a job could join another cluster on this host
+    # (the test session's own), where its working_dir package does not exist.
+    from ray._private.utils import write_ray_address
+
+    for node_temp_dir in (temp_dir, f"{temp_dir}-worker"):
+        write_ray_address(cluster.address, node_temp_dir)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     open(ready, "w").close()

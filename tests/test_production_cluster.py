@@ -118,10 +118,19 @@ def production(tokenizer_dir, tiny_model_dir, tmp_path_factory):
         logs = cluster.ray("job", "logs", submission, timeout=120)
         seen["logs"] = logs.stdout + logs.stderr
         seen["sockets"] += non_loopback_sockets()
+        seen["gcs_address"] = cluster.gcs_address
         yield {"s3": s3, "mlflow": mlflow_server, "tracker": tracker, "bucket": bucket, "work": work, **seen}
     finally:
         for service in reversed(started):
             service.stop()
+
+
+def test_the_job_driver_joined_the_cluster_it_was_submitted_to(production):
+    """Not the test session's own Ray instance on this host (Ray's "auto" address falls back to any GCS it
+    finds when a node's temp dir has no bootstrap-address file; the job then ran where its working_dir was
+    never uploaded)."""
+    joined = re.findall(r"job driver joined the Ray cluster at (\S+)", production["logs"])
+    assert joined == [production["gcs_address"]], (joined, production["gcs_address"])
 
 
 def test_the_job_succeeds_and_every_stage_run_finishes(production):
