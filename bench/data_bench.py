@@ -76,8 +76,9 @@ def stage(corpus: str, seq_len: int):
     })
 
 
-def plain_loop(corpus: str, tokenizer_dir: str, seq_len: int, out_dir: str) -> tuple[int, float]:
-    """The same work in one process: read + parse + tokenize (batched) + pack + write Parquet."""
+def plain_loop(corpus: str, tokenizer_dir: str, seq_len: int, out_dir: str) -> tuple[int, float, dict]:
+    """The same work in one process: read + parse + tokenize (batched) + pack + write Parquet; also the
+    seconds spent tokenizing and packing (packing + writing is what raylong's driver does alone)."""
     import pyarrow.fs as pafs
 
     from raylong.data.packing import DocumentPacker
@@ -91,18 +92,24 @@ def plain_loop(corpus: str, tokenizer_dir: str, seq_len: int, out_dir: str) -> t
     packer = DocumentPacker(seq_len, tok.pad_token_id)
     writer = _SequenceWriter(pafs.LocalFileSystem(), os.path.join(out_dir, "plain.parquet"), seq_len)
     files = resolve_files(src.path, src.format)
+    spent = {"tokenize_s": 0.0, "pack_s": 0.0}
     for i in range(0, len(files), 64):
         texts = []
         for f in files[i : i + 64]:
             with open(f, "rb") as fh:
                 texts += [r.text for r in parse_file(f, fh.read(), src, sft=False).records]
-        for ids in encode_documents(tok, texts):
+        t = time.perf_counter()
+        encoded = encode_documents(tok, texts)
+        spent["tokenize_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for ids in encoded:
             for seq in packer.add(ids):
                 writer.write(seq)
+        spent["pack_s"] += time.perf_counter() - t
     for seq in packer.finish():
         writer.write(seq)
     writer.close()
-    return packer.stats.tokens_in, time.perf_counter() - t0
+    return packer.stats.tokens_in, time.perf_counter() - t0, spent
 
 
 def main() -> None:
@@ -123,7 +130,10 @@ def main() -> None:
     print(f"corpus: {bytes1 / 1e6:.1f} MB (1x), {bytes4 / 1e6:.1f} MB (4x); BPE vocab {args.vocab}", flush=True)
 
     with PeakRSS() as plain_mem:
-        plain_tokens, plain_s = plain_loop(corpus1, tok_dir, args.seq_len, root)
+        plain_tokens, plain_s, spent = plain_loop(corpus1, tok_dir, args.seq_len, root)
+    pack_rate, tokenize_rate = plain_tokens / spent["pack_s"], plain_tokens / spent["tokenize_s"]
+    print(f"driver-side packing + writing: {pack_rate:,.0f} tokens/s; tokenizing in one process: "
+          f"{tokenize_rate:,.0f} tokens/s ({os.cpu_count()} cores)", flush=True)
     print(f"plain loop: {plain_tokens} tokens in {plain_s:.1f}s = {plain_tokens / plain_s:,.0f} tokens/s, "
           f"peak RSS {plain_mem.peak / 2**20:.0f} MiB", flush=True)
 
@@ -154,6 +164,8 @@ def main() -> None:
         "ray_4x_tokens_per_s": round(results["4x"][0] / results["4x"][1]),
         "ray_seconds_to_first_batch": first1, "ray_steady_tokens_per_s": round(rate),
         "ray_fixed_cost_s": round(s1 - t1 / rate, 1), "steady_ratio": round(rate / (plain_tokens / plain_s), 3),
+        "pack_tokens_per_s": round(pack_rate), "tokenize_tokens_per_s": round(tokenize_rate),
+        "pack_over_tokenize": round(pack_rate / tokenize_rate, 2),
     }))
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,8 @@ from raylong.config import DataConfig, SourceConfig, StageConfig, config_hash
 from raylong.data.packing import ConversationPacker, DocumentPacker, PackStats, length_copies
 from raylong.log import get_logger
 from raylong.storage import read_text, write_text
-from raylong.data.sources import BadRecord, ParsedFile, filesystem_and_path, parse_file, record_from_object, resolve_files
+from raylong.data.pieces import CHUNK_RECORDS, Piece, plan_pieces, read_piece
+from raylong.data.sources import BadRecord, ParsedFile, filesystem_and_path, record_from_object, resolve_files
 
 log = get_logger(__name__)
 
@@ -73,45 +76,47 @@ class PreparedData:
 
 
 # ------------------------------------------------------------------------------ Ray Data workers
-def _parse_source(batch: dict[str, np.ndarray], source: SourceConfig, sft: bool) -> dict[str, list]:
-    """Ray Data task fn: file bytes (or Parquet rows) of one source -> records / bad records."""
-    parsed = ParsedFile()
-    if source.format == "parquet":
-        fields = [k for k in batch if k != "path"]
-        for i, path in enumerate(batch["path"]):
-            origin = f"{path}#{i}"
-            rec, reason = record_from_object({k: _py(batch[k][i]) for k in fields}, source, origin, sft)
+def _read_pieces(batch: dict[str, np.ndarray], sources: dict[str, SourceConfig], sft: bool) -> Iterator[dict[str, list]]:
+    """Ray Data task fn: pieces (source, path, byte range) -> blocks of records / bad records."""
+    for name, path, start, end, file_size in zip(batch["source"], batch["path"], batch["start"], batch["end"],
+                                                 batch["file_size"]):
+        src, piece = sources[str(name)], Piece(str(name), str(path), int(start), int(end), file_size=int(file_size))
+        for parsed in _parquet_records(piece, src, sft) if src.format == "parquet" else read_piece(piece, src, sft):
+            yield _record_rows(parsed)
+
+
+def _parquet_records(piece: Piece, source: SourceConfig, sft: bool) -> Iterator[ParsedFile]:
+    """The rows of one Parquet file of a source, CHUNK_RECORDS at a time (origin: file#row)."""
+    fs, local = filesystem_and_path(piece.path)
+    file = pq.ParquetFile(fs.open_input_file(local))
+    column = source.messages_field if sft else source.text_field
+    if column not in file.schema_arrow.names:
+        yield ParsedFile(bad=[BadRecord(source.name, piece.path, f"missing column {column!r}")])
+        return
+    row = 0
+    for table in file.iter_batches(batch_size=CHUNK_RECORDS, columns=[column]):
+        parsed = ParsedFile()
+        for obj in table.to_pylist():
+            origin = f"{piece.path}#{row}"
+            rec, reason = record_from_object(obj, source, origin, sft)
             if rec is None:
                 parsed.bad.append(BadRecord(source.name, origin, reason))
             else:
                 parsed.records.append(rec)
-    else:
-        for path, data in zip(batch["path"], batch["bytes"]):
-            one = parse_file(str(path), bytes(data), source, sft)
-            parsed.records += one.records
-            parsed.bad += one.bad
+            row += 1
+        yield parsed
+
+
+def _record_rows(parsed: ParsedFile) -> dict[str, list]:
     rows: dict[str, list] = {"source": [], "origin": [], "text": [], "messages": [], "error": []}
     for r in parsed.records:
-        rows["source"].append(r.source)
-        rows["origin"].append(r.origin)
-        rows["text"].append(r.text or "")
-        rows["messages"].append(json.dumps(r.messages) if r.messages else "")
-        rows["error"].append("")
+        for k, v in (("source", r.source), ("origin", r.origin), ("text", r.text or ""),
+                     ("messages", json.dumps(r.messages) if r.messages else ""), ("error", "")):
+            rows[k].append(v)
     for b in parsed.bad:
-        rows["source"].append(b.source)
-        rows["origin"].append(b.origin)
-        rows["text"].append("")
-        rows["messages"].append("")
-        rows["error"].append(b.reason)
+        for k, v in (("source", b.source), ("origin", b.origin), ("text", ""), ("messages", ""), ("error", b.reason)):
+            rows[k].append(v)
     return rows
-
-
-def _py(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return [_py(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 class _Tokenize:
@@ -149,29 +154,35 @@ class _Tokenize:
         )
 
 
-def tokenized_dataset(sources: dict[str, list[str]], data: DataConfig, tokenizer_dir: str, sft: bool, cpus: float = 2):
-    """Ray Dataset of {source, origin, tokens, labels, error}: read + parse (tasks), tokenize (actors)."""
+def tokenizer_pool_size(data: DataConfig) -> int:
+    """Tokenizer actors at most: the recipe's data.tokenize_actors, else one per CPU of the cluster now
+    (the pool starts at one and grows while records wait)."""
+    import ray
+
+    if data.tokenize_actors is not None:
+        return data.tokenize_actors
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data does on a first read outside a driver that joined a cluster
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def tokenized_dataset(pieces: list[Piece], data: DataConfig, tokenizer_dir: str, sft: bool):
+    """Ray Dataset of {source, origin, tokens, labels, error}, in piece order: read + parse (tasks),
+    tokenize (an autoscaling actor pool)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic packing, held-out split and cache
-    parsed = []
-    for src in data.sources:
-        files = sources[src.name]
-        if src.format == "parquet":
-            cols = [src.messages_field] if sft else [src.text_field]
-            ds = ray.data.read_parquet(files, columns=cols, include_paths=True, num_cpus=0.25)
-        else:
-            ds = ray.data.read_binary_files(files, include_paths=True, num_cpus=0.25)
-        parsed.append(ds.map_batches(_parse_source, fn_kwargs={"source": src, "sft": sft}, batch_size=16, num_cpus=0.25))
-    ds = parsed[0].union(*parsed[1:]) if len(parsed) > 1 else parsed[0]
-    pool = max(1, int(cpus))
-    return ds.map_batches(
+    sources = {s.name: s for s in data.sources}
+    pool = tokenizer_pool_size(data)
+    items = ray.data.from_items([p.as_row() for p in pieces], override_num_blocks=min(len(pieces), 8 * pool))
+    parsed = items.map_batches(_read_pieces, fn_kwargs={"sources": sources, "sft": sft}, batch_size=1, num_cpus=0.25)
+    return parsed.map_batches(
         _Tokenize,
         fn_constructor_args=(tokenizer_dir, sft, data.separator),
         batch_size=64,
         num_cpus=0.5,
-        compute=ray.data.ActorPoolStrategy(size=pool),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
     )
 
 
@@ -230,7 +241,9 @@ def cache_key(stage: StageConfig, files: dict[str, list[str]], tokenizer_dir: st
         if info.type == pafs.FileType.File:
             with fs.open_input_stream(info.path) as fh:
                 h.update(hashlib.sha256(fh.read()).digest())
-    packing = {"kind": stage.kind, "seq_len": stage.seq_len, "data": stage.data.model_dump(mode="json")}
+    # what changes the packed output (not how it is read: the loader's order, the tokenizer pool)
+    data = stage.data.model_dump(mode="json", exclude={"shuffle", "tokenize_actors"})
+    packing = {"kind": stage.kind, "seq_len": stage.seq_len, "data": data}
     h.update(json.dumps(packing, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -240,7 +253,7 @@ class _SequenceWriter:
 
     def __init__(self, fs: pafs.FileSystem, path: str, seq_len: int):
         self.writer = pq.ParquetWriter(path, SEQUENCE_SCHEMA, filesystem=fs)
-        self.rows_per_group = max(1, (1 << 22) // seq_len)
+        self.rows_per_group = max(1, (1 << 20) // seq_len)  # a loader reading rows in random order reads groups
         self.buffer: list = []
         self.count = 0
 
@@ -365,7 +378,7 @@ def pack_stream(stage: StageConfig, ds, packer, budget: SourceBudget, out: Split
     return counts
 
 
-def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, cpus: float = 2) -> PreparedData:
+def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str) -> PreparedData:
     """Prepare (or reuse) the packed data of one stage. Raises DataError on bad input, before training."""
     from raylong.data.tokenize import load_tokenizer
 
@@ -382,13 +395,15 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str, c
         if fs.get_file_info(f"{local}/{stale}").type == pafs.FileType.File:
             fs.delete_file(f"{local}/{stale}")
 
-    pad_id = load_tokenizer(tokenizer_dir).pad_token_id
+    tok = load_tokenizer(tokenizer_dir)
+    pad_id = tok.pad_token_id
     packer = (ConversationPacker(stage.seq_len, pad_id, data.sft_overlong) if stage.kind == "sft"
               else DocumentPacker(stage.seq_len, pad_id, data.tail_policy))
     budget = SourceBudget(data)
     out = SplitWriter(fs, local, stage.seq_len, data.heldout_fraction)
-    counts = pack_stream(stage, tokenized_dataset(files, data, tokenizer_dir, stage.kind == "sft", cpus), packer,
-                         budget, out)
+    pieces = plan_pieces(data.sources, files, tok, stage.kind == "sft")
+    counts = pack_stream(stage, tokenized_dataset(pieces, data, tokenizer_dir, stage.kind == "sft"), packer, budget,
+                         out)
 
     with fs.open_output_stream(f"{local}/bad_records.jsonl") as f:
         f.write("".join(json.dumps(b) + "\n" for b in counts.bad).encode())
@@ -445,7 +460,7 @@ def check_report(stage: StageConfig, report: dict, bad: list[dict], directory: s
     """Fail the stage before training when bad records exceed the budget or nothing was packed."""
     records = max(1, report["records"])
     if report["bad_records"] / records > stage.data.error_budget:
-        files = sorted({b["origin"].rsplit(":", 1)[0].split("#")[0] for b in bad})
+        files = sorted({re.sub(r"[:@#]\d+$", "", b["origin"]) for b in bad})  # file:line, file@byte, file#row
         example = bad[0]
         raise DataError(
             f"stage {stage.name!r}: {report['bad_records']} of {report['records']} records are bad "

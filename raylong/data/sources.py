@@ -1,7 +1,7 @@
 """Find a source's files (local paths, globs or URIs) and parse their bytes into records.
 
-Parsing is pure: `parse_file(path, data, source)` turns one file's bytes into documents and bad
-records, each bad record naming its file and line (or row) and why it was rejected.
+Parsing is pure: `parse_file(path, data, source)` turns one file's bytes (`parse_line` one JSONL line) into
+documents and bad records, each bad record naming its file and line (or row) and why it was rejected.
 """
 
 from __future__ import annotations
@@ -125,41 +125,49 @@ def decompress(path: str, data: bytes) -> bytes:
 
 def parse_file(path: str, data: bytes, source: SourceConfig, sft: bool) -> ParsedFile:
     """Parse one file of a text or JSONL source. Never raises on bad content: it reports it."""
-    out = ParsedFile()
     try:
         data = decompress(path, data)
     except Exception as exc:  # corrupt archive
-        out.bad.append(BadRecord(source.name, path, f"cannot decompress: {exc}"))
-        return out
+        return ParsedFile(bad=[BadRecord(source.name, path, f"cannot decompress: {exc}")])
     if source.format == "text":
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            out.bad.append(BadRecord(source.name, path, f"invalid UTF-8 at byte {exc.start}"))
-            return out
-        if not text.strip():
-            out.bad.append(BadRecord(source.name, path, "empty document"))
-        else:
-            out.records.append(Record(source.name, path, text=text))
-        return out
+        return parse_text(path, data, source)
+    out = ParsedFile()
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        origin = f"{path}:{lineno}"
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            out.bad.append(BadRecord(source.name, origin, f"invalid UTF-8 at byte {exc.start}"))
-            continue
-        except json.JSONDecodeError as exc:
-            out.bad.append(BadRecord(source.name, origin, f"malformed JSON: {exc.msg}"))
-            continue
-        record, reason = record_from_object(obj, source, origin, sft)
-        if record is None:
-            out.bad.append(BadRecord(source.name, origin, reason))
-        else:
-            out.records.append(record)
+        if raw.strip():
+            parse_line(raw, f"{path}:{lineno}", source, sft, out)
     return out
+
+
+def parse_text(path: str, data: bytes, source: SourceConfig) -> ParsedFile:
+    """A text source's file: one document."""
+    out = ParsedFile()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        out.bad.append(BadRecord(source.name, path, f"invalid UTF-8 at byte {exc.start}"))
+        return out
+    if not text.strip():
+        out.bad.append(BadRecord(source.name, path, "empty document"))
+    else:
+        out.records.append(Record(source.name, path, text=text))
+    return out
+
+
+def parse_line(raw: bytes, origin: str, source: SourceConfig, sft: bool, out: ParsedFile) -> None:
+    """One JSONL line into `out`: a record, or a bad record saying why."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        out.bad.append(BadRecord(source.name, origin, f"invalid UTF-8 at byte {exc.start}"))
+        return
+    except json.JSONDecodeError as exc:
+        out.bad.append(BadRecord(source.name, origin, f"malformed JSON: {exc.msg}"))
+        return
+    record, reason = record_from_object(obj, source, origin, sft)
+    if record is None:
+        out.bad.append(BadRecord(source.name, origin, reason))
+    else:
+        out.records.append(record)
 
 
 def record_from_object(obj: Any, source: SourceConfig, origin: str, sft: bool) -> tuple[Record | None, str]:

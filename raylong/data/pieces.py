@@ -1,0 +1,207 @@
+"""What the data stage reads, and in what order.
+
+Every source's files are cut into pieces: byte ranges of an uncompressed JSONL file (a line belongs to the
+piece it starts in, so a multi-GB file is read in parallel, in bounded memory), whole files otherwise (a
+compressed file cannot be entered mid-stream; a text file is one document). The pieces of all sources are
+then interleaved by weight, so the tokenized stream carries every source close to its share from its first
+sequence on, instead of one corpus and then the next.
+
+Reading a piece yields its records in chunks; a file that cannot be decompressed is a bad record naming
+the file, and the records read before the damage are kept.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from raylong.config import SourceConfig
+from raylong.data.sources import (BadRecord, ParsedFile, filesystem_and_path, parse_line, parse_text,
+                                  record_from_object)
+
+MIN_PIECE_BYTES, MAX_PIECE_BYTES = 4 << 10, 64 << 20  # the bounds of a JSONL piece
+COMPRESSED_RATIO = 4  # assumed expansion of .gz / .zst, only to order pieces (weights are in tokens)
+CHUNK_RECORDS = 256  # records per block a read task hands on
+SAMPLE_BYTES = 64 << 10  # of a source's first file, to estimate its tokens per byte
+LINE_NUMBERS_UP_TO = MAX_PIECE_BYTES  # counting lines further would read a large file from its start per piece
+
+
+@dataclass(frozen=True)
+class Piece:
+    source: str
+    path: str
+    start: int = 0  # the lines that start in [start, end) of an uncompressed JSONL file
+    end: int = -1  # -1: to the end of the file
+    size: int = 0  # estimated uncompressed bytes, for ordering
+    file_size: int = 0  # a bad record in a file up to LINE_NUMBERS_UP_TO bytes is named by line, else by byte
+
+    def as_row(self) -> dict:
+        return {"source": self.source, "path": self.path, "start": self.start, "end": self.end,
+                "file_size": self.file_size}
+
+
+def compression(path: str) -> str | None:
+    return "gzip" if path.endswith(".gz") else "zstd" if path.endswith(".zst") else None
+
+
+def plan_pieces(sources: list[SourceConfig], files: dict[str, list[str]], tok, sft: bool) -> list[Piece]:
+    """Every source's files cut into pieces, interleaved by weight in estimated tokens (bytes times the
+    source's tokens per byte, sampled from its first file). Pieces are about 1/1024 of all the bytes
+    (4 KiB to 64 MiB), so each source is cut finely enough to mix even when it is one file."""
+    sizes = {path: size_of(path) for name in files for path in files[name]}
+    max_bytes = min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, sum(sizes.values()) // 1024))
+    pieces = {}
+    for src in sources:
+        rate = token_rate(src, files[src.name][0], sizes[files[src.name][0]], tok, sft)
+        pieces[src.name] = [replace(p, size=max(1, round(p.size * rate)))
+                            for p in cut_pieces(src, files[src.name], sizes, max_bytes)]
+    return interleave(pieces, {s.name: s.weight for s in sources})
+
+
+def token_rate(source: SourceConfig, path: str, size: int, tok, sft: bool) -> float:
+    """Tokens per byte of a source (uncompressed bytes; for Parquet, bytes of the file), from the first
+    records of one file (about SAMPLE_BYTES of them); 1.0 when they say nothing (no valid record, a
+    damaged file: the read tasks report those)."""
+    try:
+        return _sampled_token_rate(source, path, size, tok, sft)
+    except (OSError, EOFError, ValueError, KeyError):
+        return 1.0
+
+
+def _sampled_token_rate(source: SourceConfig, path: str, size: int, tok, sft: bool) -> float:
+    from raylong.data.tokenize import encode_conversation, encode_documents
+
+    if source.format == "parquet":
+        import pyarrow.parquet as pq
+
+        fs, local = filesystem_and_path(path)
+        rows = pq.ParquetFile(fs.open_input_file(local)).metadata.num_rows
+        column = source.messages_field if sft else source.text_field
+        first = next(pq.ParquetFile(fs.open_input_file(local)).iter_batches(batch_size=64, columns=[column]), None)
+        objs = [] if first is None else first.to_pylist()
+        parsed, nbytes = ParsedFile(), size * len(objs) / max(1, rows)
+        for i, obj in enumerate(objs):
+            record, _ = record_from_object(obj, source, f"{path}#{i}", sft)
+            if record is not None:
+                parsed.records.append(record)
+    elif source.format == "text":  # one document: its first SAMPLE_BYTES
+        parsed = _read_text(Piece(source.name, path), source)
+        for r in parsed.records:
+            r.text = r.text.encode()[:SAMPLE_BYTES].decode("utf-8", errors="ignore")
+        nbytes = sum(len(r.text.encode()) for r in parsed.records)
+    else:
+        parsed, nbytes = ParsedFile(), 0
+        for _, raw in _open_lines(path, 0, -1):
+            nbytes += len(raw)
+            if raw.strip():
+                parse_line(raw, path, source, sft, parsed)
+            if nbytes >= SAMPLE_BYTES:
+                break
+    if not parsed.records or not nbytes:
+        return 1.0
+    if sft:
+        tokens = sum(len(encode_conversation(tok, r.messages)[0]) for r in parsed.records)
+    else:
+        tokens = sum(map(len, encode_documents(tok, [r.text for r in parsed.records])))
+    return tokens / nbytes if tokens else 1.0
+
+
+def size_of(path: str) -> int:
+    fs, local = filesystem_and_path(path)
+    return fs.get_file_info(local).size or 0
+
+
+def cut_pieces(source: SourceConfig, files: list[str], sizes: dict[str, int], max_bytes: int) -> list[Piece]:
+    """One source's files as pieces, in file order."""
+    pieces = []
+    for path in files:
+        size = sizes[path]
+        if source.format == "jsonl" and compression(path) is None and size > max_bytes:
+            pieces += [Piece(source.name, path, s, min(s + max_bytes, size), min(max_bytes, size - s), size)
+                       for s in range(0, size, max_bytes)]
+        else:
+            pieces.append(Piece(source.name, path, size=size * (COMPRESSED_RATIO if compression(path) else 1),
+                                file_size=size))
+    return pieces
+
+
+def interleave(pieces: dict[str, list[Piece]], weights: dict[str, float]) -> list[Piece]:
+    """All pieces, each next one from the source furthest below its weight's share of the bytes so far
+    (ties: recipe order). Each source keeps its own file order."""
+    taken = {name: 0 for name in pieces}
+    cursor = {name: 0 for name in pieces}
+    order = {name: i for i, name in enumerate(pieces)}
+    out: list[Piece] = []
+    while True:
+        left = [n for n in pieces if cursor[n] < len(pieces[n])]
+        if not left:
+            return out
+        name = min(left, key=lambda n: (taken[n] / weights[n], order[n]))
+        piece = pieces[name][cursor[name]]
+        cursor[name] += 1
+        taken[name] += max(1, piece.size)
+        out.append(piece)
+
+
+def _open_lines(path: str, start: int, end: int, by_line: bool = True) -> Iterator[tuple[int, bytes]]:
+    """(position, line) of the lines of a file that start in [start, end): the position is the line
+    number (`by_line`: the newlines before `start` are counted first), else the line's byte offset."""
+    fs, local = filesystem_and_path(path)
+    codec = compression(path)
+    if codec is not None:  # read whole, decompressed as it streams
+        raw = fs.open_input_stream(local, compression=None)  # Ray Data's readers would decompress by suffix too
+        yield from enumerate(gzip.GzipFile(fileobj=raw) if codec == "gzip" else _zstd_reader(raw), start=1)
+        return
+    f = fs.open_input_file(local)
+    offset = lineno = 0
+    if start > 0:
+        if by_line:
+            lineno = f.read(start - 1).count(b"\n")
+        f.seek(start - 1)
+    reader = io.BufferedReader(f)
+    if start > 0:
+        rest = reader.readline()  # the rest of the line that byte start-1 belongs to
+        offset, lineno = start - 1 + len(rest), lineno + rest.endswith(b"\n")
+    while end < 0 or offset < end:
+        line = reader.readline()
+        if not line:
+            return
+        lineno += 1
+        yield (lineno if by_line else offset), line
+        offset += len(line)
+
+
+def _zstd_reader(raw):
+    import zstandard
+
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+
+
+def read_piece(piece: Piece, source: SourceConfig, sft: bool) -> Iterator[ParsedFile]:
+    """The records and bad records of one piece, CHUNK_RECORDS at a time."""
+    if source.format == "text":
+        yield _read_text(piece, source)
+        return
+    out = ParsedFile()
+    by_line = compression(piece.path) is not None or piece.file_size <= LINE_NUMBERS_UP_TO
+    sep = ":" if by_line else "@"  # file:line, or file@byte in a large file (no line count from its start)
+    try:
+        for pos, raw in _open_lines(piece.path, piece.start, piece.end, by_line):
+            if raw.strip():
+                parse_line(raw, f"{piece.path}{sep}{pos}", source, sft, out)
+            if len(out.records) + len(out.bad) >= CHUNK_RECORDS:
+                yield out
+                out = ParsedFile()
+    except (OSError, EOFError, ValueError) as exc:  # a damaged archive: what was read before it is kept
+        out.bad.append(BadRecord(source.name, piece.path, f"cannot decompress: {exc}"))
+    yield out
+
+
+def _read_text(piece: Piece, source: SourceConfig) -> ParsedFile:
+    try:
+        data = b"".join(line for _, line in _open_lines(piece.path, 0, -1))
+    except (OSError, EOFError, ValueError) as exc:
+        return ParsedFile(bad=[BadRecord(source.name, piece.path, f"cannot decompress: {exc}")])
+    return parse_text(piece.path, data, source)
