@@ -1,10 +1,15 @@
-"""Data parallel x sequence parallel: 4 gloo processes as DP 2 x SP 2 (the real recipe is SP 8 x DP 4).
+"""Data parallel x sequence parallel x gradient accumulation: 4 gloo processes as DP 2 x SP 2 (the real
+recipe is SP 8 x DP 4 with accumulation 4-8).
 
-SP group 0 (ranks 0, 1) trains on the packed batch and SP group 1 (ranks 2, 3) on the SFT batch in the
-same step; the applied SGD update must equal the data-parallel mean of the two single-process
-per-sequence updates, for every ZeRO stage. Before the loss used a group-safe differentiable sum, the
-second SP group (which does not hold global rank 0) failed in backward ("Global rank 0 is not part of
-group").
+One optimizer step's gradient must be the mean over all of the step's learnable tokens, whichever DP group
+and micro-batch holds them: a sequence with 4 learnable tokens weighs 4 tokens, not as much as one with
+250. With accumulation 1 the two SP groups train on a packed and an SFT batch; with accumulation 2 each
+group runs two micro-batches of very different learnable counts, also with the ALST memory switches (the
+tiled loss weights its own backward). The applied SGD update must equal a
+single process's update on the union of the step's sequences, for every ZeRO stage. (Before the loss used a
+group-safe differentiable sum, the second SP group, which does not hold global rank 0, failed in backward:
+"Global rank 0 is not part of group"; before step-level weighting, the update was the mean of per-sequence
+means.)
 """
 
 from __future__ import annotations
@@ -16,13 +21,30 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port, gloo_exit, gloo_init
-from tests.test_sp_exactness import make_batches, reference, stage_for
+from tests.test_sp_exactness import ALST, make_batches, reference, stage_for
 
 pytestmark = pytest.mark.slow
 
 SP, DP = 2, 2
 ZERO_STAGES = (1, 2, 3)
-CASE_OF_GROUP = ("packed", "sft")  # what each DP rank (SP group) trains on
+# what each DP group (SP group) trains on in its one step, by gradient-accumulation steps
+GROUP_BATCHES = {1: (("packed",), ("sft",)), 2: (("packed", "sft_few"), ("sft", "packed_b"))}
+# (accumulation, ZeRO stage, memory switches): every stage plain, and the ALST switches (tiled loss: its own path)
+RUNS = [(ga, zero, "plain") for ga in GROUP_BATCHES for zero in ZERO_STAGES] + [(2, 1, "alst"), (2, 3, "alst")]
+MEMORY = {"plain": {}, "alst": ALST}
+
+
+def all_batches(vocab: int) -> dict[str, dict[str, torch.Tensor]]:
+    """make_batches' two, plus an SFT batch with 4 learnable tokens and a second packed batch."""
+    batches = make_batches(vocab)
+    few = {k: v.clone() for k, v in batches["sft"].items()}
+    keep = torch.zeros_like(few["labels"], dtype=torch.bool)
+    keep[:, 200:205] = True
+    few["labels"] = torch.where(keep, few["labels"], torch.full_like(few["labels"], -100))
+    other = {k: v.clone() for k, v in batches["packed"].items()}
+    other["input_ids"] = 3 + (other["input_ids"] * 7) % (vocab - 3)
+    other["labels"] = torch.where(other["labels"] == -100, other["labels"], other["input_ids"])
+    return {**batches, "sft_few": few, "packed_b": other}
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
@@ -32,22 +54,23 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
     from transformers import AutoConfig
 
     from raylong.train.engine import consolidated_state_dict
-    from raylong.train.step import build_stage_engine, micro_step
+    from raylong.train.step import build_stage_engine, optimizer_step
 
-    batches = make_batches(AutoConfig.from_pretrained(model_dir).vocab_size)
+    batches = all_batches(AutoConfig.from_pretrained(model_dir).vocab_size)
     results = {}
-    for zero in ZERO_STAGES:
-        se = build_stage_engine(stage_for(zero, sp=SP, workers=world), model_dir, optimizer_cls=torch.optim.SGD)
-        assert se.sp_rank == rank % SP  # SP groups are consecutive ranks: DP rank = rank // SP
-        shard = next(iter(se.shard([dict(batches[CASE_OF_GROUP[rank // SP]])])))
-        loss, tokens = micro_step(se, shard)
-        losses: list = [None] * world
-        dist.all_gather_object(losses, (loss, tokens))
+    for ga, zero, memory in RUNS:
+        stage = stage_for(zero, sp=SP, workers=world, grad_accum=ga, memory=MEMORY[memory])
+        se = build_stage_engine(stage, model_dir, optimizer_cls=torch.optim.SGD)
+        assert se.sp_rank == rank % SP and se.dp_size == DP  # SP groups are consecutive ranks
+        shards = [next(iter(se.shard([dict(batches[case])]))) for case in GROUP_BATCHES[ga][rank // SP]]
+        loss, tokens = optimizer_step(se, shards)
         state = consolidated_state_dict(se.engine, zero)
         if rank == 0:
-            results[zero] = {"losses": losses, "params": {k: v.detach().clone() for k, v in state.items()}}
+            results[ga, zero, memory] = {"loss": loss, "tokens": tokens,
+                                         "params": {k: v.detach().clone() for k, v in state.items()}}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "dp2sp2.pt"))
+    dist.barrier()
     gloo_exit()
 
 
@@ -60,21 +83,29 @@ def dp2sp2_results(tiny_model_dir, tmp_path_factory):
     return torch.load(os.path.join(out, "dp2sp2.pt"))
 
 
-@pytest.mark.parametrize("zero", ZERO_STAGES)
-def test_dp2_sp2_update_equals_the_dp_mean_of_sp1_updates(dp2sp2_results, tiny_model_dir, zero):
+@pytest.mark.parametrize("ga,zero,memory", RUNS, ids=[f"ga{g}-zero{z}-{m}" for g, z, m in RUNS])
+def test_a_step_is_the_token_mean_over_all_its_micro_batches_and_dp_groups(dp2sp2_results, tiny_model_dir, ga, zero,
+                                                                          memory):
     from transformers import AutoConfig
 
-    batches = make_batches(AutoConfig.from_pretrained(tiny_model_dir).vocab_size)
-    refs = {case: reference(tiny_model_dir, batches[case]) for case in CASE_OF_GROUP}
-    got = dp2sp2_results[zero]
-    for rank, (loss, tokens) in enumerate(got["losses"]):
-        ref_loss, ref_tokens, _, _ = refs[CASE_OF_GROUP[rank // SP]]
-        assert tokens == ref_tokens, (rank, tokens, ref_tokens)
-        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (rank, loss, ref_loss)
-    before = refs["packed"][2]
-    want = {k: (refs["packed"][3][k] + refs["sft"][3][k]) / DP for k in before}
+    batches = all_batches(AutoConfig.from_pretrained(tiny_model_dir).vocab_size)
+    cases = [c for group in GROUP_BATCHES[ga] for c in group]
+    refs = {case: reference(tiny_model_dir, batches[case]) for case in cases}  # (loss, tokens, before, update)
+    total = sum(refs[c][1] for c in cases)
+    assert max(refs[c][1] for c in cases) >= 4 * min(refs[c][1] for c in cases)  # very unequal counts
+    got = dp2sp2_results[ga, zero, memory]
+    assert got["tokens"] == total, (got["tokens"], total)
+    want_loss = sum(refs[c][0] * refs[c][1] for c in cases) / total
+    assert abs(got["loss"] - want_loss) <= 1e-5 * abs(want_loss), (got["loss"], want_loss)
+    # the single-process update on the union: each sequence's mean-loss update weighted by its share of tokens
+    before = refs[cases[0]][2]
+    want = {k: sum(refs[c][3][k] * refs[c][1] for c in cases) / total for k in before}
     num = sum(((got["params"][k] - before[k]) - want[k]).pow(2).sum() for k in want)
     den = sum(u.pow(2).sum() for u in want.values())
     rel = float((num / den).sqrt())
-    print(f"[figure] ZeRO-{zero} DP2xSP2: update vs DP mean of SP=1 updates, relative difference {rel:.2e}")
-    assert rel <= 1e-5, f"ZeRO-{zero} DP2xSP2 update differs from the DP mean of SP=1 updates by {rel:.3e}"
+    per_sequence_mean = {k: sum(refs[c][3][k] for c in cases) / len(cases) for k in before}
+    old = float((sum((per_sequence_mean[k] - want[k]).pow(2).sum() for k in want) / den).sqrt())
+    print(f"[figure] ZeRO-{zero} DP2xSP2 GA{ga} {memory}: update vs the token mean on one process, relative difference "
+          f"{rel:.2e} (the mean of per-sequence means is {old:.2e} away)")
+    assert old > 1e-2  # the two objectives differ here, so the check can tell them apart
+    assert rel <= 1e-5, f"ZeRO-{zero} DP2xSP2 GA{ga} {memory} update differs from the token-mean update by {rel:.3e}"

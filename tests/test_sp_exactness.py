@@ -50,13 +50,14 @@ def make_batches(vocab: int) -> dict[str, dict[str, torch.Tensor]]:
     return {"packed": as_t(packed), "sft": as_t(sft[0])}
 
 
-def stage_for(zero: int, sp: int, workers: int, memory: dict | None = None):
+def stage_for(zero: int, sp: int, workers: int, memory: dict | None = None, grad_accum: int = 1):
     from raylong.config import StageConfig
 
     return StageConfig.model_validate({
         "name": f"z{zero}", "kind": "pretrain", "seq_len": SEQ_LEN,
         "data": {"sources": [{"name": "x", "path": "/dev/null", "format": "text"}]},
-        "optim": {"lr": LR, "steps": 1, "grad_clip": 0.0, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant"},
+        "optim": {"lr": LR, "steps": 1, "grad_clip": 0.0, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant",
+                  "grad_accum": grad_accum},
         "parallel": {"num_workers": workers, "sp_size": sp, "zero_stage": zero},
         "memory": memory or {},
     })

@@ -30,13 +30,16 @@ def loss_sum_and_count(logits: torch.Tensor, targets: torch.Tensor) -> tuple[tor
     return loss_sum, (targets != IGNORE).sum()
 
 
-def token_weighted_loss(loss_sum: torch.Tensor, count: torch.Tensor, sp_group=None) -> tuple[torch.Tensor, int]:
-    """Mean loss per learnable token over the SP group (or this rank alone); returns (loss, tokens)."""
+def token_weighted_loss(loss_sum: torch.Tensor, count: torch.Tensor, sp_group=None,
+                        per_token: bool = True) -> tuple[torch.Tensor, int]:
+    """Loss over the SP group (or this rank alone), differentiable: the mean per learnable token, or with
+    per_token=False the sum (the caller weights it). Returns (loss, learnable tokens of the group)."""
     if sp_group is None:
         tokens = int(count.item())
-        return loss_sum / max(tokens, 1), tokens
-    tokens = group_sum(count, sp_group)
-    return GroupSum.apply(loss_sum, sp_group) / max(tokens, 1), tokens
+    else:
+        tokens = group_sum(count, sp_group)
+        loss_sum = GroupSum.apply(loss_sum, sp_group)
+    return (loss_sum / max(tokens, 1) if per_token else loss_sum), tokens
 
 
 class GroupSum(torch.autograd.Function):

@@ -1,8 +1,9 @@
 """One stage's DeepSpeed engine on a worker and its micro-step.
 
 Setup: model with the stage's RoPE and attention -> memory switches -> Ulysses SP registration ->
-DeepSpeed engine. Micro-step: (SP-sharded) batch -> forward -> token-weighted loss over the SP group ->
-backward -> step (DeepSpeed applies the optimizer at the accumulation boundary).
+DeepSpeed engine. Optimizer step: the step's learnable tokens counted over all its micro-batches and
+ranks, then per micro-batch: (SP-sharded) batch -> forward -> loss summed over the SP group, weighted by
+the step's token count -> backward -> step (DeepSpeed applies the optimizer at the accumulation boundary).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import resource
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from raylong.config import StageConfig
 from raylong.train.attention import attention_for, reset_sequence_parallel
@@ -38,6 +40,11 @@ class StageEngine:
     @property
     def sp_size(self) -> int:
         return self.stage.parallel.sp_size
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel groups: the world's ranks over the SP degree."""
+        return (dist.get_world_size() if dist.is_initialized() else 1) // self.sp_size
 
     def shard(self, loader):
         """The loader's sequences as this rank's SP shards (the loader itself at SP=1)."""
@@ -71,36 +78,69 @@ def build_stage_engine(stage: StageConfig, init_dir: str, optimizer_cls=None) ->
                        sp_gradient_scale(p.sp_size, p.zero_stage))
 
 
-def micro_step(se: StageEngine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """forward -> token-weighted loss over the SP group -> backward -> step. Returns (loss, learnable
-    tokens of the whole sequence)."""
+def targets_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token targets of a (sharded) batch: Ulysses' shift_labels when SP sharded it, else shifted here."""
+    return batch["shift_labels"] if "shift_labels" in batch else shift_labels(batch["labels"])
+
+
+def step_tokens(se: StageEngine, batches: list[dict[str, torch.Tensor]]) -> int:
+    """Learnable tokens of one optimizer step: every micro-batch on every rank (collective). A sequence's
+    tokens are split over its SP shards, so the world sum counts each once."""
+    local = sum(int((targets_of(b) != IGNORE).sum()) for b in batches)
+    if not dist.is_initialized():
+        return local
+    total = torch.tensor(local, dtype=torch.float64, device=se.device)  # a device tensor: NCCL reduces no other
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def optimizer_step(se: StageEngine, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """grad_accum micro-batches -> one optimizer step whose gradient is the mean over all of the step's
+    learnable tokens (every micro-batch, every DP group), whatever each sequence holds. Returns (that
+    mean loss, the step's learnable tokens)."""
+    total = step_tokens(se, batches)
+    group_sums = sum(loss * tokens for loss, tokens in (micro_step(se, b, total) for b in batches))
+    if not dist.is_initialized():
+        return group_sums / max(total, 1), total
+    summed = torch.tensor(group_sums / se.sp_size, dtype=torch.float64, device=se.device)  # each SP rank holds its group's
+    dist.all_reduce(summed)
+    return float(summed.item()) / max(total, 1), total
+
+
+def micro_step(se: StageEngine, batch: dict[str, torch.Tensor], step_total: int | None = None) -> tuple[float, int]:
+    """forward -> loss over the SP group -> backward -> step. The micro-batch's summed token loss is
+    weighted by dp * grad_accum / step_total, which DeepSpeed's 1/grad_accum and DP averaging turn into
+    1/step_total (`step_total`: the step's learnable tokens, `step_tokens`; None: this sequence's own, a
+    per-sequence mean). Returns (this sequence's mean loss, its learnable tokens)."""
     mem = se.stage.memory
-    targets = (batch["shift_labels"] if "shift_labels" in batch else shift_labels(batch["labels"])).to(se.device)
+    targets = targets_of(batch).to(se.device)
     inputs = {"input_ids": batch["input_ids"].to(se.device), "position_ids": batch["position_ids"].to(se.device),
               "use_cache": False}
     offload = torch.autograd.graph.save_on_cpu(pin_memory=se.device.type == "cuda") if mem.offload_checkpoints \
         else contextlib.nullcontext()
+    gas = se.stage.optim.grad_accum
     if not mem.tiled_loss:
         with offload:
             logits = se.engine(**inputs).logits
         loss_sum, count = loss_sum_and_count(logits, targets)
-        loss, tokens = token_weighted_loss(loss_sum, count, se.sp_group)
-        se.engine.backward(loss * se.grad_scale)
+        group_loss_sum, tokens = token_weighted_loss(loss_sum, count, se.sp_group, per_token=False)
+        weight = se.dp_size * gas / max(step_total, 1) if step_total is not None else 1 / max(tokens, 1)
+        se.engine.backward(group_loss_sum * weight * se.grad_scale)
         se.engine.step()
-        return loss.item(), tokens
+        return group_loss_sum.item() / max(tokens, 1), tokens
     with offload:
         out = se.engine(**inputs, output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long))
     hidden = out.hidden_states[-1]
     del out  # drop the per-layer hidden states (with offload their CPU copies are what backward uses)
     tokens = group_sum((targets != IGNORE).sum(), se.sp_group)
-    sp, gas = se.sp_size, se.stage.optim.grad_accum
-    # the gradient the SP-summed loss formulation gives each SP rank: sp / tokens per token loss
-    factor = sp * se.grad_scale / max(tokens, 1) / gas
+    weight = se.dp_size * gas / max(step_total, 1) if step_total is not None else 1 / max(tokens, 1)
+    # the gradient the SP-summed loss formulation gives each SP rank (sp x), without DeepSpeed's 1/gas
+    factor = se.sp_size * se.grad_scale * weight / gas
     objective = tiled_loss_objective(se.engine.module.lm_head, hidden, targets, factor, mem.loss_tile_tokens)
     se.engine.backward(objective, scale_wrt_gas=False)
     se.engine.step()
-    loss = group_sum(objective.detach(), se.sp_group, as_float=True) * gas / (sp * se.grad_scale)
-    return loss, tokens
+    group_loss_sum = group_sum(objective.detach(), se.sp_group, as_float=True) / factor
+    return group_loss_sum / max(tokens, 1), tokens
 
 
 def peak_memory_mib(device: torch.device) -> float:

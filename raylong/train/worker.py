@@ -30,7 +30,7 @@ from raylong.train.checkpoints import load_optimizer_state, restore_checkpoint, 
 from raylong.train.engine import consolidated_state_dict
 from raylong.train.model import save_export
 from raylong.train.spec import WorkerMode, WorkerSpec
-from raylong.train.step import StageEngine, build_stage_engine, micro_step, peak_memory_mib
+from raylong.train.step import StageEngine, build_stage_engine, optimizer_step, peak_memory_mib
 
 log = get_logger(__name__)
 
@@ -106,11 +106,7 @@ class StageWorker:
     def train_step(self, step: int) -> dict[str, float]:
         stage, o = self.stage, self.stage.optim
         t0 = time.perf_counter()
-        step_loss, learn_tokens = 0.0, 0
-        for _ in range(o.grad_accum):
-            loss, tokens = micro_step(self.se, next(self.batches))
-            step_loss += loss / o.grad_accum
-            learn_tokens += tokens
+        step_loss, learn_tokens = optimizer_step(self.se, [next(self.batches) for _ in range(o.grad_accum)])
         step_time = time.perf_counter() - t0
         metrics = {
             "train/loss": step_loss,
