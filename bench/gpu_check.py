@@ -5,6 +5,7 @@ budget runs out. Prints per length tokens/s and peak memory; last line JSON with
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -42,7 +43,13 @@ def main() -> None:
         LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(model_dir)
     torch.cuda.empty_cache()
     results, n, reached = [], args.start, 0
-    while n <= args.max_len and time.time() - t_start < args.budget_s:
+
+    def report() -> None:  # after every length, so a run cut short by its timeout still ends with a figure
+        print(json.dumps({"gpu": torch.cuda.get_device_name(0), "layers": args.layers, "max_len_reached": reached,
+                          "runs": results, "seconds": round(time.time() - t_start)}), flush=True)
+
+    last_cost = 0.0  # seconds the previous length took, engine build included
+    while n <= args.max_len and time.time() - t_start + 2.5 * last_cost < args.budget_s:  # 2n costs >= 2x
         stage = StageConfig.model_validate({
             "name": "gpu", "kind": "pretrain", "seq_len": n,
             "data": {"sources": [{"name": "x", "path": "/dev/null", "format": "text"}]},
@@ -50,6 +57,7 @@ def main() -> None:
             "memory": {"activation_checkpointing": True, "offload_checkpoints": True, "tiled_mlp": True,
                        "tiled_loss": True, "offload_optimizer": True},
         })
+        t_len, se = time.time(), None
         try:
             torch.cuda.reset_peak_memory_stats()
             se = build_stage_engine(stage, model_dir)
@@ -65,14 +73,19 @@ def main() -> None:
             results.append({"seq_len": n, "step_s": round(dt, 2), "tokens_per_s": round(n / dt), "peak_gib": round(peak, 1)})
             print(f"{n:>8} tokens: {dt:6.1f} s/step, {n / dt:10,.0f} tokens/s, peak {peak:6.1f} GiB", flush=True)
             reached = n
-            del se
+            report()
         except torch.OutOfMemoryError:
             print(f"{n:>8} tokens: out of memory", flush=True)
             break
-        torch.cuda.empty_cache()
+        finally:  # free this length's engine (ZeRO-3 hooks, partitions, offload buffers) before the next
+            if se is not None:
+                se.engine.destroy()
+            del se
+            gc.collect()
+            torch.cuda.empty_cache()
+        last_cost = time.time() - t_len
         n *= 2
-    print(json.dumps({"gpu": torch.cuda.get_device_name(0), "layers": args.layers, "max_len_reached": reached,
-                      "runs": results, "seconds": round(time.time() - t_start)}))
+    report()
 
 
 if __name__ == "__main__":

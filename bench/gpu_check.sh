@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! $PY -c "import deepspeed, pydantic" 2>/dev/null; then
-    $PY -m pip install -q --no-index --find-links .whl deepspeed pydantic hjson ninja py-cpuinfo msgpack
+if ! $PY -c "import deepspeed, pydantic, einops, pyarrow" 2>/dev/null; then
+    $PY -m pip install -q --no-index --find-links .whl deepspeed pydantic hjson ninja py-cpuinfo msgpack einops pyarrow
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv
 PYTHONPATH=$PWD timeout 480 $PY bench/gpu_check.py --layers "${LAYERS:-8}" --budget-s 380

@@ -95,3 +95,50 @@ def test_loss_sum_counts_only_learnable_tokens():
     targets = torch.tensor([[1, -100, 2, -100]])
     s, n = loss_sum_and_count(logits, targets)
     assert int(n) == 2 and math.isclose(float(s), 2 * math.log(10), rel_tol=1e-6)
+
+
+def test_weight_decay_spares_norms_biases_and_embeddings(tiny_model_dir):
+    from raylong.train.engine import param_groups
+
+    m = load_model(tiny_model_dir, stage(), attention_for(True, False), torch.float32)
+    decay, no_decay = param_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | spared == set(names.values()) and not decayed & spared
+    assert "model.embed_tokens.weight" in spared and "lm_head.weight" in decayed
+    assert all("norm" in n for n in spared - {"model.embed_tokens.weight"})
+    assert any(n.endswith("self_attn.q_proj.weight") for n in decayed)
+
+
+def test_export_states_the_rope_for_v4_readers_and_v5_reads_it_back(tiny_model_dir, tokenizer_dir, tmp_path):
+    """rope_parameters (transformers v5) plus rope_theta / rope_scaling (v4, serving engines); v5 loads the
+    export with the stage's RoPE and the same logits."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raylong.train.model import save_export
+
+    yarn = {"type": "yarn", "theta": 40000, "factor": 4.0, "original_max_position_embeddings": 128}
+    st = stage(yarn, seq_len=512)
+    m = load_model(tiny_model_dir, st, attention_for(True, False), torch.float32)
+    save_export(m, None, tokenizer_dir, str(tmp_path / "export"))
+    config = json.load(open(tmp_path / "export" / "config.json"))
+    assert config["rope_parameters"] == st.rope.to_hf()
+    assert config["rope_theta"] == 40000.0
+    assert config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    assert AutoConfig.from_pretrained(tmp_path / "export").rope_parameters == st.rope.to_hf()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    ids = torch.arange(1, 300).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, m(ids).logits, atol=1e-5)
+    assert torch.allclose(rotary_inv_freq(back), rotary_inv_freq(m))
+
+    default = stage({"type": "default", "theta": 5000})
+    save_export(load_model(tiny_model_dir, default, attention_for(True, False), torch.float32), None, tokenizer_dir,
+                str(tmp_path / "plain"))
+    config = json.load(open(tmp_path / "plain" / "config.json"))
+    assert config["rope_theta"] == 5000.0 and config["rope_scaling"] is None
+    assert AutoConfig.from_pretrained(tmp_path / "plain").rope_parameters == default.rope.to_hf()

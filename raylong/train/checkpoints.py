@@ -182,7 +182,7 @@ def restore_checkpoint(engine, rank: int) -> tuple[int, list[str]]:
         ckpt = ray.train.Checkpoint(path=cand.path, filesystem=fs)
         with ckpt.as_directory() as local:
             problem = content_problem(local, cand.manifest, rank)  # each rank hashes the files it wrote
-            bad = torch.tensor([1 if problem else 0])
+            bad = torch.tensor([1 if problem else 0], device=engine.device)  # NCCL reduces device tensors only
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             if bad.item():
                 problems: list = [None] * dist.get_world_size()

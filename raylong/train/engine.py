@@ -53,16 +53,26 @@ def lr_lambda(o: OptimConfig):
     return factor
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on the matrices of the blocks and the output head only: not on norms and biases
+    (1-D) nor on the input embeddings, whose rows only some tokens update."""
+    decay, no_decay = [], []
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def build_engine(model: torch.nn.Module, stage: StageConfig, mpu=None, optimizer_cls=None):
     """deepspeed.initialize with a torch optimizer (AdamW by default: no CPU-Adam compile) and schedule."""
     import deepspeed
 
     o = stage.optim
-    params = [p for p in model.parameters() if p.requires_grad]
     if optimizer_cls is None:
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
     else:
-        optimizer = optimizer_cls(params, lr=o.lr)
+        optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=o.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(stage), mpu=mpu

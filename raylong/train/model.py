@@ -65,12 +65,28 @@ def save_export(model, state_dict, tokenizer_dir: str, out_uri: str) -> None:
             model.generation_config.eos_token_id = stop_token_ids(tokenizer)
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        write_legacy_rope_keys(f"{tmp}/config.json")
         tokenizer.save_pretrained(tmp)
         manifest = {"files": sorted(p.name for p in Path(tmp).iterdir()), "checksum": weights_checksum(tmp)}
         upload_dir(tmp, out_uri)
     from raylong.storage import write_text
 
     write_text(f"{out_uri}/EXPORT.json", json.dumps(manifest, indent=2))
+
+
+def write_legacy_rope_keys(config_path: str) -> None:
+    """Also state the RoPE the way transformers v4 and serving engines read it (`rope_theta`, and
+    `rope_scaling` without the theta): a reader that knows only those keys would otherwise run the export
+    with default RoPE at the base theta, silently. transformers v5 rebuilds the same `rope_parameters`."""
+    with open(config_path) as f:
+        config = json.load(f)
+    rope = dict(config.get("rope_parameters") or {})
+    if not rope:
+        return
+    config["rope_theta"] = rope.pop("rope_theta", config.get("rope_theta"))
+    config["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
