@@ -140,3 +140,16 @@ def test_the_training_order_is_a_seeded_permutation_a_resumed_loader_continues(t
     row = first(batch)
     assert batch["labels"].dtype == np.int64 or str(batch["labels"].dtype) == "torch.int64"
     assert batch["labels"].tolist() == [[row * 10 + j for j in range(4)]] and batch["labels"].shape == (1, 4)
+
+
+def test_positions_run_through_the_sequence_when_documents_attend_across_boundaries(tmp_path):
+    from raylong.train.batches import SequenceLoader
+
+    path = str(tmp_path / "train.parquet")
+    rows = {"input_ids": [[5, 6, 7, 8, 9, 10]], "position_ids": [[0, 1, 2, 0, 1, 0]], "labels": [[5, 6, 7, 8, 9, 10]]}
+    pq.write_table(pa.table(rows, schema=pa.schema([(k, pa.list_(pa.int32())) for k in rows])), path)
+    per_doc = next(iter(SequenceLoader(path, 0, 1)))
+    across = next(iter(SequenceLoader(path, 0, 1, per_document_positions=False)))
+    assert per_doc["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert across["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5]]
+    assert across["input_ids"].tolist() == per_doc["input_ids"].tolist()

@@ -34,7 +34,7 @@ class Piece:
     path: str
     start: int = 0  # the lines that start in [start, end) of an uncompressed JSONL file
     end: int = -1  # -1: to the end of the file
-    size: int = 0  # estimated uncompressed bytes, for ordering
+    size: int = 0  # for ordering: estimated uncompressed bytes, estimated tokens once planned
     file_size: int = 0  # a bad record in a file up to LINE_NUMBERS_UP_TO bytes is named by line, else by byte
 
     def as_row(self) -> dict:
@@ -77,9 +77,10 @@ def _sampled_token_rate(source: SourceConfig, path: str, size: int, tok, sft: bo
         import pyarrow.parquet as pq
 
         fs, local = filesystem_and_path(path)
-        rows = pq.ParquetFile(fs.open_input_file(local)).metadata.num_rows
+        file = pq.ParquetFile(fs.open_input_file(local))
+        rows = file.metadata.num_rows
         column = source.messages_field if sft else source.text_field
-        first = next(pq.ParquetFile(fs.open_input_file(local)).iter_batches(batch_size=64, columns=[column]), None)
+        first = next(file.iter_batches(batch_size=64, columns=[column]), None)
         objs = [] if first is None else first.to_pylist()
         parsed, nbytes = ParsedFile(), size * len(objs) / max(1, rows)
         for i, obj in enumerate(objs):

@@ -38,12 +38,17 @@ def model_forward(model, multiple: int = 1) -> Forward:
     return forward
 
 
-def read_heldout(path: str, limit: int) -> list[dict[str, np.ndarray]]:
+def read_heldout(path: str, limit: int, per_document_positions: bool = True) -> list[dict[str, np.ndarray]]:
+    """The first `limit` held-out sequences; positions 0..L-1 when documents attend across boundaries."""
     fs, local = fs_path(path)
     if not os.path.exists(local) and "://" not in path:
         return []
     rows = pq.read_table(fs.open_input_file(local)).slice(0, limit).to_pylist()
-    return [{k: np.asarray(v, dtype=np.int64) for k, v in r.items()} for r in rows]
+    rows = [{k: np.asarray(v, dtype=np.int64) for k, v in r.items()} for r in rows]
+    if not per_document_positions:
+        for r in rows:
+            r["position_ids"] = np.arange(len(r["position_ids"]), dtype=np.int64)
+    return rows
 
 
 def score(forward: Forward, suite: EvalSuite, heldout: list[dict[str, np.ndarray]], pad_id: int, multiple: int = 1,
@@ -133,7 +138,7 @@ def evaluate_in_workers(se, suite_json: str, heldout_path: str, max_heldout: int
     import torch.distributed as dist
 
     suite = EvalSuite.from_json(suite_json)
-    heldout = read_heldout(heldout_path, max_heldout)
+    heldout = read_heldout(heldout_path, max_heldout, se.stage.per_document_attention)
     sp = se.stage.parallel.sp_size
     if suite.short_len % sp:
         raise ValueError(f"eval short_len {suite.short_len} must be divisible by sp_size {sp}")

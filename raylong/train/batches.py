@@ -21,7 +21,8 @@ class SequenceLoader:
     so a resumed stage continues the order an uninterrupted one follows). The first pass starts at
     `start` (a resumed stage continues where the data order left off)."""
 
-    def __init__(self, uri: str, rank: int, world: int, start: int = 0, seed: int | None = None):
+    def __init__(self, uri: str, rank: int, world: int, start: int = 0, seed: int | None = None,
+                 per_document_positions: bool = True):
         fs, path = fs_path(uri)
         self.file = pq.ParquetFile(fs.open_input_file(path))
         total = self.file.metadata.num_rows
@@ -33,6 +34,7 @@ class SequenceLoader:
         self.group_starts = np.cumsum([0] + [self.file.metadata.row_group(g).num_rows
                                              for g in range(self.file.num_row_groups)])
         self.start = start % self.per_rank
+        self.per_document_positions = per_document_positions
         self._group, self._columns = -1, {}
 
     def __len__(self) -> int:
@@ -54,7 +56,15 @@ class SequenceLoader:
         out = {}
         for k, (offsets, values) in self._columns.items():
             out[k] = torch.from_numpy(values[offsets[i] : offsets[i + 1]].astype(np.int64)).unsqueeze(0)
+        if not self.per_document_positions:
+            out["position_ids"] = continuous_positions(out["position_ids"])
         return out
+
+
+def continuous_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """0..L-1 over the whole packed sequence: what positions must be when its documents attend across their
+    boundaries (per_document_attention: false); the stored ones restart at every document."""
+    return torch.arange(position_ids.shape[-1], dtype=position_ids.dtype).expand_as(position_ids).contiguous()
 
 
 def _offsets_values(column) -> tuple[np.ndarray, np.ndarray]:
@@ -79,10 +89,11 @@ def forever(loader) -> Iterator[dict]:
 
 
 def resumed_batches(uri: str, rank: int, world: int, micro_steps_done: int, sp_rank: int, sp_group, sp_size: int,
-                    device: torch.device, seed: int | None = None):
+                    device: torch.device, seed: int | None = None, per_document_positions: bool = True):
     """(loader, micro-batches in the order an uninterrupted run sees them, after `micro_steps_done`).
     At SP > 1 each loader row feeds sp micro-steps (Ulysses' adapter gathers one row per SP rank)."""
-    loader = shard_loader(SequenceLoader(uri, rank, world, start=micro_steps_done // sp_size, seed=seed), sp_rank,
+    loader = shard_loader(SequenceLoader(uri, rank, world, start=micro_steps_done // sp_size, seed=seed,
+                                         per_document_positions=per_document_positions), sp_rank,
                           sp_group, sp_size, device)
     batches = forever(loader)
     for _ in range(micro_steps_done % sp_size):

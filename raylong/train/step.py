@@ -128,10 +128,9 @@ def micro_step(se: StageEngine, batch: dict[str, torch.Tensor], step_total: int 
         se.engine.backward(group_loss_sum * weight * se.grad_scale)
         se.engine.step()
         return group_loss_sum.item() / max(tokens, 1), tokens
-    with offload:
-        out = se.engine(**inputs, output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long))
-    hidden = out.hidden_states[-1]
-    del out  # drop the per-layer hidden states (with offload their CPU copies are what backward uses)
+    with offload, last_hidden_state(se.engine.module) as captured:
+        se.engine(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long))  # through the engine: ZeRO-3 hooks
+    hidden = captured[0]
     tokens = group_sum((targets != IGNORE).sum(), se.sp_group)
     weight = se.dp_size * gas / max(step_total, 1) if step_total is not None else 1 / max(tokens, 1)
     # the gradient the SP-summed loss formulation gives each SP rank (sp x), without DeepSpeed's 1/gas
@@ -141,6 +140,19 @@ def micro_step(se: StageEngine, batch: dict[str, torch.Tensor], step_total: int 
     se.engine.step()
     group_loss_sum = group_sum(objective.detach(), se.sp_group, as_float=True) / factor
     return group_loss_sum / max(tokens, 1), tokens
+
+
+@contextlib.contextmanager
+def last_hidden_state(model):
+    """Capture the decoder's final hidden state (the output of its last norm) during a forward. Asking the
+    model for output_hidden_states instead would keep every layer's output alive until the forward ends,
+    on the GPU even when activation checkpoints are offloaded."""
+    captured: list[torch.Tensor] = []
+    handle = model.get_decoder().norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -81,7 +81,8 @@ class StageWorker:
         self.loader, self.batches = resumed_batches(spec.train_uri, self.rank, self.world,
                                                     self.start_step * stage.optim.grad_accum, self.se.sp_rank,
                                                     self.se.sp_group, p.sp_size, self.se.device,
-                                                    seed=stage.data.seed if stage.data.shuffle else None)
+                                                    seed=stage.data.seed if stage.data.shuffle else None,
+                                                    per_document_positions=stage.per_document_attention)
         if self.start_step == 0 and spec.optimizer_from:
             load_optimizer_state(self.se.engine, spec.optimizer_from)
         self.flops_per_step = self.peak_flops = 0.0
