@@ -15,6 +15,7 @@ import zstandard
 
 from raylong.config import SourceConfig
 from raylong.data.pieces import Piece, cut_pieces, interleave, plan_pieces, read_piece
+from raylong.data.sources import resolve_source_files
 from raylong.data.sources import parse_file
 from tests.conftest import STDLIB
 
@@ -106,7 +107,8 @@ def test_one_file_sources_are_cut_finely_enough_to_mix(tmp_path, tokenizer_dir):
     stdlib_jsonl(b, "logging")
     srcs = [SourceConfig(name="a", path=a, format="jsonl", weight=1.0),
             SourceConfig(name="b", path=b, format="jsonl", weight=1.0)]
-    order = plan_pieces(srcs, {"a": [a], "b": [b]}, load_tokenizer(tokenizer_dir), sft=False)
+    files = {"a": resolve_source_files(a, "jsonl"), "b": resolve_source_files(b, "jsonl")}
+    order = plan_pieces(srcs, files, load_tokenizer(tokenizer_dir), sft=False)
     assert len(order) > 20
     first_half = [p.source for p in order[: len(order) // 2]]
     assert 0.3 < first_half.count("a") / len(first_half) < 0.7, first_half

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from raylong.config import SourceConfig
-from raylong.data.sources import (BadRecord, ParsedFile, filesystem_and_path, parse_line, parse_text,
+from raylong.data.sources import (BadRecord, ParsedFile, SourceFile, filesystem_and_path, parse_line, parse_text,
                                   record_from_object)
 
 MIN_PIECE_BYTES, MAX_PIECE_BYTES = 4 << 10, 64 << 20  # the bounds of a JSONL piece
@@ -46,17 +46,18 @@ def compression(path: str) -> str | None:
     return "gzip" if path.endswith(".gz") else "zstd" if path.endswith(".zst") else None
 
 
-def plan_pieces(sources: list[SourceConfig], files: dict[str, list[str]], tok, sft: bool) -> list[Piece]:
+def plan_pieces(sources: list[SourceConfig], files: dict[str, list[SourceFile]], tok, sft: bool) -> list[Piece]:
     """Every source's files cut into pieces, interleaved by weight in estimated tokens (bytes times the
     source's tokens per byte, sampled from its first file). Pieces are about 1/1024 of all the bytes
     (4 KiB to 64 MiB), so each source is cut finely enough to mix even when it is one file."""
-    sizes = {path: size_of(path) for name in files for path in files[name]}
+    sizes = {f.path: f.size for name in files for f in files[name]}
     max_bytes = min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, sum(sizes.values()) // 1024))
     pieces = {}
     for src in sources:
-        rate = token_rate(src, files[src.name][0], sizes[files[src.name][0]], tok, sft)
+        paths = [f.path for f in files[src.name]]
+        rate = token_rate(src, paths[0], sizes[paths[0]], tok, sft)
         pieces[src.name] = [replace(p, size=max(1, round(p.size * rate)))
-                            for p in cut_pieces(src, files[src.name], sizes, max_bytes)]
+                            for p in cut_pieces(src, paths, sizes, max_bytes)]
     return interleave(pieces, {s.name: s.weight for s in sources})
 
 
@@ -107,11 +108,6 @@ def _sampled_token_rate(source: SourceConfig, path: str, size: int, tok, sft: bo
     else:
         tokens = sum(map(len, encode_documents(tok, [r.text for r in parsed.records])))
     return tokens / nbytes if tokens else 1.0
-
-
-def size_of(path: str) -> int:
-    fs, local = filesystem_and_path(path)
-    return fs.get_file_info(local).size or 0
 
 
 def cut_pieces(source: SourceConfig, files: list[str], sizes: dict[str, int], max_bytes: int) -> list[Piece]:

@@ -32,7 +32,8 @@ from raylong.data.packing import ConversationPacker, DocumentPacker, PackStats, 
 from raylong.log import get_logger
 from raylong.storage import read_text, write_text
 from raylong.data.pieces import CHUNK_RECORDS, Piece, plan_pieces, read_piece
-from raylong.data.sources import BadRecord, ParsedFile, filesystem_and_path, record_from_object, resolve_files
+from raylong.data.sources import (BadRecord, ParsedFile, SourceFile, filesystem_and_path, record_from_object,
+                                  resolve_source_files)
 
 log = get_logger(__name__)
 
@@ -214,12 +215,13 @@ def materialize_generated_sources(data: DataConfig, tokenizer_dir: str, out_dir:
     return paths
 
 
-def resolve_sources(data: DataConfig, generated: dict[str, str]) -> dict[str, list[str]]:
+def resolve_sources(data: DataConfig, generated: dict[str, str]) -> dict[str, list[SourceFile]]:
+    """Every source's files (generated sources: the file written for them), listed once."""
     out = {}
     for src in data.sources:
         path = generated.get(src.name, src.path)
         try:
-            files = resolve_files(path, src.format)
+            files = resolve_source_files(path, src.format)
         except FileNotFoundError as exc:
             raise DataError(f"data source {src.name!r}: {exc}") from None
         if not files:
@@ -228,14 +230,12 @@ def resolve_sources(data: DataConfig, generated: dict[str, str]) -> dict[str, li
     return out
 
 
-def cache_key(stage: StageConfig, files: dict[str, list[str]], tokenizer_dir: str) -> str:
+def cache_key(stage: StageConfig, files: dict[str, list[SourceFile]], tokenizer_dir: str) -> str:
     """Hash of source identities (path, size, mtime), the tokenizer files and the packing settings."""
     h = hashlib.sha256()
     for name in sorted(files):
         for f in files[name]:
-            fs, local = filesystem_and_path(f)
-            info = fs.get_file_info(local)
-            h.update(f"{name}|{f}|{info.size}|{info.mtime_ns}\n".encode())
+            h.update(f"{name}|{f.path}|{f.size}|{f.mtime_ns}\n".encode())
     fs, local = filesystem_and_path(tokenizer_dir)
     for info in sorted(fs.get_file_info(pafs.FileSelector(local, recursive=True)), key=lambda i: i.path):
         if info.type == pafs.FileType.File:

@@ -47,8 +47,22 @@ def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs_path(expand_path(uri))
 
 
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file as its listing described it (no second metadata request per file on object stores)."""
+
+    path: str  # URIs keep their scheme
+    size: int
+    mtime_ns: int | None
+
+
 def resolve_files(path: str, fmt: str) -> list[str]:
     """Expand a file, directory or glob into a sorted list of files (URIs keep their scheme)."""
+    return [f.path for f in resolve_source_files(path, fmt)]
+
+
+def resolve_source_files(path: str, fmt: str) -> list[SourceFile]:
+    """`resolve_files` with each file's size and modification time, from the one listing or lookup."""
     path = expand_path(path)
     scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
     fs, local = filesystem_and_path(path)
@@ -65,7 +79,7 @@ def resolve_files(path: str, fmt: str) -> list[str]:
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"data source path does not exist: {path}")
         if info.type == pafs.FileType.File:
-            return [path]
+            return [SourceFile(path, info.size or 0, info.mtime_ns)]
         selector = pafs.FileSelector(local, recursive=True)
     files = []
     for info in fs.get_file_info(selector):
@@ -75,8 +89,9 @@ def resolve_files(path: str, fmt: str) -> list[str]:
             continue
         if pattern is None and fmt == "parquet" and not info.path.endswith(".parquet"):
             continue
-        files.append(scheme + info.path if scheme and scheme != "file://" else info.path)
-    return sorted(files)
+        files.append(SourceFile(scheme + info.path if scheme and scheme != "file://" else info.path, info.size or 0,
+                                info.mtime_ns))
+    return sorted(files, key=lambda f: f.path)
 
 
 def _glob_match(path: str, pattern: str) -> bool:

@@ -107,11 +107,17 @@ def optimizer_step(se: StageEngine, batches: list[dict[str, torch.Tensor]]) -> t
     return float(summed.item()) / max(total, 1), total
 
 
+def token_weight(se: StageEngine, tokens: int, step_total: int | None) -> float:
+    """Weight of a micro-batch's summed token loss: dp * grad_accum / step_total, which DeepSpeed's
+    1/grad_accum and DP averaging turn into 1/step_total; None: 1/its own tokens (a per-sequence mean)."""
+    if step_total is None:
+        return 1 / max(tokens, 1)
+    return se.dp_size * se.stage.optim.grad_accum / max(step_total, 1)
+
+
 def micro_step(se: StageEngine, batch: dict[str, torch.Tensor], step_total: int | None = None) -> tuple[float, int]:
     """forward -> loss over the SP group -> backward -> step. The micro-batch's summed token loss is
-    weighted by dp * grad_accum / step_total, which DeepSpeed's 1/grad_accum and DP averaging turn into
-    1/step_total (`step_total`: the step's learnable tokens, `step_tokens`; None: this sequence's own, a
-    per-sequence mean). Returns (this sequence's mean loss, its learnable tokens)."""
+    weighted by `token_weight` (`step_total`: the step's learnable tokens, `step_tokens`). Returns (this sequence's mean loss, its learnable tokens)."""
     mem = se.stage.memory
     targets = targets_of(batch).to(se.device)
     inputs = {"input_ids": batch["input_ids"].to(se.device), "position_ids": batch["position_ids"].to(se.device),
@@ -124,17 +130,15 @@ def micro_step(se: StageEngine, batch: dict[str, torch.Tensor], step_total: int 
             logits = se.engine(**inputs).logits
         loss_sum, count = loss_sum_and_count(logits, targets)
         group_loss_sum, tokens = token_weighted_loss(loss_sum, count, se.sp_group, per_token=False)
-        weight = se.dp_size * gas / max(step_total, 1) if step_total is not None else 1 / max(tokens, 1)
-        se.engine.backward(group_loss_sum * weight * se.grad_scale)
+        se.engine.backward(group_loss_sum * token_weight(se, tokens, step_total) * se.grad_scale)
         se.engine.step()
         return group_loss_sum.item() / max(tokens, 1), tokens
     with offload, last_hidden_state(se.engine.module) as captured:
         se.engine(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long))  # through the engine: ZeRO-3 hooks
     hidden = captured[0]
     tokens = group_sum((targets != IGNORE).sum(), se.sp_group)
-    weight = se.dp_size * gas / max(step_total, 1) if step_total is not None else 1 / max(tokens, 1)
     # the gradient the SP-summed loss formulation gives each SP rank (sp x), without DeepSpeed's 1/gas
-    factor = se.sp_size * se.grad_scale * weight / gas
+    factor = se.sp_size * se.grad_scale * token_weight(se, tokens, step_total) / gas
     objective = tiled_loss_objective(se.engine.module.lm_head, hidden, targets, factor, mem.loss_tile_tokens)
     se.engine.backward(objective, scale_wrt_gas=False)
     se.engine.step()
