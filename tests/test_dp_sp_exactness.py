@@ -10,6 +10,10 @@ single process's update on the union of the step's sequences, for every ZeRO sta
 group-safe differentiable sum, the second SP group, which does not hold global rank 0, failed in backward:
 "Global rank 0 is not part of group"; before step-level weighting, the update was the mean of per-sequence
 means.)
+
+The same processes then evaluate at DP 2 x SP 2 (ZeRO-3, ALST switches): an odd number of passkey items and
+held-out rows, so one DP group runs padding forwards, scored from hidden states in tiles. The summary must
+equal a single process's evaluation of the same model.
 """
 
 from __future__ import annotations
@@ -47,12 +51,35 @@ def all_batches(vocab: int) -> dict[str, dict[str, torch.Tensor]]:
     return {**batches, "sft_few": few, "packed_b": other}
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
+def eval_inputs(tokenizer_dir: str, vocab: int, out_dir: str) -> tuple[str, str]:
+    """A passkey suite of 17 items (uneven over 2 DP groups) and 3 held-out packed rows as a Parquet file."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylong.eval.build import build_eval_suite
+    from tests.test_eval import eval_stage
+
+    suite = build_eval_suite(eval_stage("pretrain"), tokenizer_dir)
+    suite.passkey = suite.passkey[:17]
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(3):
+        ids = rng.integers(3, vocab, 256)
+        labels = np.where(rng.random(256) < 0.8, ids, -100)
+        rows.append({"input_ids": ids, "position_ids": np.r_[np.arange(100), np.arange(156)], "labels": labels})
+    path = os.path.join(out_dir, "heldout.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return suite.to_json(), path
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str, suite_json: str, heldout: str) -> None:
     import torch.distributed as dist
 
     gloo_init(rank, world, port)
     from transformers import AutoConfig
 
+    from raylong.eval.run import evaluate_in_workers
     from raylong.train.engine import consolidated_state_dict
     from raylong.train.step import build_stage_engine, optimizer_step
 
@@ -68,6 +95,8 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
         if rank == 0:
             results[ga, zero, memory] = {"loss": loss, "tokens": tokens,
                                          "params": {k: v.detach().clone() for k, v in state.items()}}
+    se = build_stage_engine(stage_for(3, sp=SP, workers=world, memory=ALST), model_dir, optimizer_cls=torch.optim.SGD)
+    results["eval"] = evaluate_in_workers(se, suite_json, heldout, max_heldout=10, pad_id=0)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "dp2sp2.pt"))
     dist.barrier()
@@ -75,12 +104,15 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
 
 
 @pytest.fixture(scope="module")
-def dp2sp2_results(tiny_model_dir, tmp_path_factory):
+def dp2sp2_results(tiny_model_dir, tokenizer_dir, tmp_path_factory):
+    from transformers import AutoConfig
+
     out = str(tmp_path_factory.mktemp("dp2sp2"))
     world = SP * DP
-    mp.start_processes(_worker, args=(world, free_port(), tiny_model_dir, out), nprocs=world, join=True,
-                       start_method="spawn")
-    return torch.load(os.path.join(out, "dp2sp2.pt"))
+    suite_json, heldout = eval_inputs(tokenizer_dir, AutoConfig.from_pretrained(tiny_model_dir).vocab_size, out)
+    mp.start_processes(_worker, args=(world, free_port(), tiny_model_dir, out, suite_json, heldout), nprocs=world,
+                       join=True, start_method="spawn")
+    return {**torch.load(os.path.join(out, "dp2sp2.pt")), "suite": suite_json, "heldout_path": heldout}
 
 
 @pytest.mark.parametrize("ga,zero,memory", RUNS, ids=[f"ga{g}-zero{z}-{m}" for g, z, m in RUNS])
@@ -109,3 +141,28 @@ def test_a_step_is_the_token_mean_over_all_its_micro_batches_and_dp_groups(dp2sp
           f"{rel:.2e} (the mean of per-sequence means is {old:.2e} away)")
     assert old > 1e-2  # the two objectives differ here, so the check can tell them apart
     assert rel <= 1e-5, f"ZeRO-{zero} DP2xSP2 GA{ga} {memory} update differs from the token-mean update by {rel:.3e}"
+
+
+def test_evaluation_at_dp2_sp2_equals_one_process(dp2sp2_results, tiny_model_dir):
+    import numpy as np
+
+    from raylong.eval.run import evaluate, model_forward, read_heldout
+    from raylong.eval.suite import EvalSuite
+    from raylong.train.attention import attention_for
+    from raylong.train.model import load_model
+    from tests.test_sp_exactness import ALST
+
+    got = dp2sp2_results["eval"]
+    heldout_path = dp2sp2_results["heldout_path"]
+    suite = EvalSuite.from_json(dp2sp2_results["suite"])
+    stage = stage_for(3, sp=SP, workers=SP * DP, memory=ALST)
+    model = load_model(tiny_model_dir, stage, attention_for(True, False), torch.float32).eval()
+    want = evaluate(model_forward(model), suite, read_heldout(heldout_path, 10), pad_id=0)
+    assert sum(len(v) for v in got["passkey"].values()) == sum(len(v) for v in want["passkey"].values())
+    assert got["passkey"] == want["passkey"]
+    for key in ("heldout_loss", "short_loss"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert set(got["loss_by_position"]) == set(want["loss_by_position"]) == {"0-64", "64-128", "128-256"}
+    for bucket, value in want["loss_by_position"].items():
+        assert got["loss_by_position"][bucket] == pytest.approx(value, rel=1e-5), bucket
+    assert np.isfinite(got["heldout_loss"])

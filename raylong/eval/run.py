@@ -107,21 +107,24 @@ def evaluate(forward: Forward, suite: EvalSuite, heldout: list[dict[str, np.ndar
 
 # ------------------------------------------------------------------------------ inside Ray Train
 def sharded_forward(se) -> Forward:
-    """Forward through the stage's engine: every SP rank runs its slice, results are all-gathered."""
+    """Forward through the stage's engine: every SP rank runs its slice and scores it from the final hidden
+    states in tiles (no [L, vocab] logits, as in training's tiled loss); results are all-gathered."""
     import torch.distributed as dist
+
+    from raylong.train.memory import tiled_scores
+    from raylong.train.step import last_hidden_state
 
     sp = se.stage.parallel.sp_size
 
     def forward(ids, pos, labels):
-        n = len(ids)
-        chunk = n // sp
+        chunk = len(ids) // sp
         part = slice(se.sp_rank * chunk, (se.sp_rank + 1) * chunk)
-        targets = shift_labels(torch.as_tensor(labels)[None])[0]
-        with torch.no_grad():
-            logits = se.engine(input_ids=torch.as_tensor(ids[part])[None].to(se.device),
-                               position_ids=torch.as_tensor(pos[part])[None].to(se.device), use_cache=False).logits[0]
-        loss = F.cross_entropy(logits.float(), targets[part].to(se.device), ignore_index=IGNORE, reduction="none")
-        argmax = logits.argmax(-1)
+        targets = shift_labels(torch.as_tensor(labels)[None])[0][part].to(se.device)
+        with torch.no_grad(), last_hidden_state(se.engine.module) as captured:
+            se.engine(input_ids=torch.as_tensor(ids[part])[None].to(se.device),
+                      position_ids=torch.as_tensor(pos[part])[None].to(se.device), use_cache=False,
+                      logits_to_keep=torch.zeros(0, dtype=torch.long))  # the head runs below, in tiles
+        loss, argmax = tiled_scores(se.engine.module.lm_head, captured[0][0], targets, se.stage.memory.loss_tile_tokens)
         if sp > 1:
             loss_parts = [torch.empty_like(loss) for _ in range(sp)]
             arg_parts = [torch.empty_like(argmax) for _ in range(sp)]

@@ -56,14 +56,36 @@ def enable_tiled_mlp(model, tile_tokens: int | None = None) -> int:
     return len(layers)
 
 
+def loss_tile(lm_head, tile_tokens: int | None) -> int:
+    """Tokens per logits tile: `tile_tokens`, or as many as fit LOSS_TILE_BYTES of fp32 logits."""
+    vocab = lm_head.weight.shape[0] if lm_head.weight.numel() else lm_head.out_features
+    return tile_tokens or max(1, LOSS_TILE_BYTES // (4 * vocab))
+
+
+@torch.no_grad()
+def tiled_scores(lm_head, hidden: torch.Tensor, targets: torch.Tensor,
+                 tile_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy and greedy next token from final hidden states [n, hidden], one tile of
+    logits at a time (evaluation: never the full [n, vocab]). Every rank runs as many tiles (ZeRO-3
+    gathers the head's weight per call)."""
+    n = hidden.shape[0]
+    shards = _agreed_max(max(1, math.ceil(n / loss_tile(lm_head, tile_tokens))), hidden.device)
+    size = math.ceil(n / shards)
+    losses, argmax = [], []
+    for i in range(shards):
+        logits = lm_head(hidden[i * size : (i + 1) * size]).float()
+        losses.append(F.cross_entropy(logits, targets[i * size : (i + 1) * size], ignore_index=IGNORE,
+                                      reduction="none"))
+        argmax.append(logits.argmax(-1))
+    return torch.cat(losses), torch.cat(argmax)
+
+
 def tiled_loss_objective(lm_head, hidden: torch.Tensor, targets: torch.Tensor, factor: float,
                          tile_tokens: int | None = None) -> torch.Tensor:
     """factor * sum of token cross-entropies, computed tile by tile without materialising the logits."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
 
-    vocab = lm_head.weight.shape[0] if lm_head.weight.numel() else lm_head.out_features
-    tile = tile_tokens or max(1, LOSS_TILE_BYTES // (4 * vocab))
-    shards = _agreed_max(max(1, math.ceil(hidden.shape[1] / tile)), hidden.device)
+    shards = _agreed_max(max(1, math.ceil(hidden.shape[1] / loss_tile(lm_head, tile_tokens))), hidden.device)
 
     def tile_loss(head, x, y):
         logits = head(x).float()
