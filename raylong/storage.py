@@ -58,6 +58,14 @@ def upload_dir(local_dir: str, uri: str) -> None:
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def copy_dir(src_uri: str, dst_uri: str) -> None:
+    """Copy a directory between any two locations (streamed, nothing staged on the local disk)."""
+    src_fs, src = fs_path(src_uri)
+    dst_fs, dst = fs_path(dst_uri)
+    dst_fs.create_dir(dst, recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
 def download_dir(uri: str, local_dir: str) -> str:
     """A local directory holding `uri` (the path itself when it is local)."""
     if is_local(uri):

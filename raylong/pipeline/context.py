@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from raylong.config import PipelineConfig, StageConfig, expand_path
 from raylong.credentials import redact
 from raylong.log import get_logger
-from raylong.storage import absolute, download_dir, exists, upload_dir, write_text
+from raylong.storage import absolute, copy_dir, download_dir, exists, is_local, read_text, upload_dir, write_text
 from raylong.tracking import Tracker, default_tracking_uri
 from raylong.train.spec import WorkerMode, WorkerSpec
 
@@ -117,7 +118,7 @@ class PipelineContext:
 
         cfg, target = self.cfg, self.paths.tokenizer
         if cfg.tokenizer.path is not None:
-            return _pretrained_location(cfg.tokenizer.path)
+            return self.resolve_pretrained(cfg.tokenizer.path, target, "tokenizer.path")
         if not exists(f"{target}/tokenizer.json"):
             t = cfg.tokenizer.train
             with tempfile.TemporaryDirectory() as tmp:
@@ -131,10 +132,37 @@ class PipelineContext:
         from raylong.train.model import export_complete, init_random_model
 
         if self.cfg.model.path is not None:
-            return _pretrained_location(self.cfg.model.path)
+            return self.resolve_pretrained(self.cfg.model.path, self.paths.base_model, "model.path")
         if export_complete(self.paths.base_model) is None:
             init_random_model(self.cfg.model, self.tokenizer_local, self.paths.base_model)
         return self.paths.base_model
+
+    def resolve_pretrained(self, path: str, target: str, field: str) -> str:
+        """Where every worker reads a pretrained directory from, resolved once on the driver. A local
+        directory with local storage: its absolute path. Otherwise (a hub id, an object-store directory, a
+        local directory the other nodes cannot see) it is copied once into `target` in the pipeline's
+        storage, SOURCE.json written last, so all workers read the same files and never the hub."""
+        local = expand_path(path)
+        is_dir = "://" not in path and os.path.isdir(local)
+        if is_dir and is_local(self.paths.storage):
+            return os.path.abspath(local)
+        marker = f"{target}/SOURCE.json"
+        copied = read_text(marker)
+        if copied is not None:
+            if json.loads(copied)["source"] != path:
+                raise ValueError(f"{field} is {path!r} but this pipeline's {redact(target)} was copied from "
+                                 f"{json.loads(copied)['source']!r}; start a new pipeline id to change it")
+            return target
+        start = time.time()
+        if is_dir:
+            upload_dir(local, target)
+        elif "://" in path:
+            copy_dir(path, target)
+        else:
+            upload_dir(_hub_snapshot(path), target)
+        write_text(marker, json.dumps({"source": path}))
+        log.info("%s %s copied into %s in %.0fs", field, redact(path), redact(target), time.time() - start)
+        return target
 
     def prepare_stage(self, stage: StageConfig, eval_suite_uri: str | None = None) -> StageInputs:
         """Packed data through Ray Data, then the evaluation suite (written to `eval_suite_uri`, by default
@@ -161,10 +189,12 @@ class PipelineContext:
                           **fields)
 
 
-def _pretrained_location(path: str) -> str:
-    """A local directory as an absolute path (Ray jobs run in another cwd); URIs and hub ids as given."""
-    local = expand_path(path)
-    return os.path.abspath(local) if "://" not in path and os.path.isdir(local) else path
+def _hub_snapshot(repo_id: str) -> str:
+    """A Hugging Face hub repository's config, tokenizer and safetensors weights, through the local hub
+    cache (with HF_HUB_OFFLINE=1, from that cache alone)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"])
 
 
 def new_pipeline_id(cfg: PipelineConfig, kind: str = "") -> str:
