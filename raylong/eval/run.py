@@ -18,6 +18,7 @@ from raylong.data.packing import IGNORE
 from raylong.eval.suite import EvalSuite, loss_by_position, pad_to_multiple, passkey_hit, summarize
 from raylong.storage import fs_path
 from raylong.tracking import Tracker
+from raylong.train.collectives import all_gather_cat, all_gather_objects
 from raylong.train.loss import shift_labels
 
 # forward(input_ids [L], position_ids [L], labels [L]) -> (next-token loss [L], greedy next token [L])
@@ -109,8 +110,6 @@ def evaluate(forward: Forward, suite: EvalSuite, heldout: list[dict[str, np.ndar
 def sharded_forward(se) -> Forward:
     """Forward through the stage's engine: every SP rank runs its slice and scores it from the final hidden
     states in tiles (no [L, vocab] logits, as in training's tiled loss); results are all-gathered."""
-    import torch.distributed as dist
-
     from raylong.train.memory import tiled_scores
     from raylong.train.step import last_hidden_state
 
@@ -126,11 +125,7 @@ def sharded_forward(se) -> Forward:
                       logits_to_keep=torch.zeros(0, dtype=torch.long))  # the head runs below, in tiles
         loss, argmax = tiled_scores(se.engine.module.lm_head, captured[0][0], targets, se.stage.memory.loss_tile_tokens)
         if sp > 1:
-            loss_parts = [torch.empty_like(loss) for _ in range(sp)]
-            arg_parts = [torch.empty_like(argmax) for _ in range(sp)]
-            dist.all_gather(loss_parts, loss, group=se.sp_group)
-            dist.all_gather(arg_parts, argmax, group=se.sp_group)
-            loss, argmax = torch.cat(loss_parts), torch.cat(arg_parts)
+            loss, argmax = all_gather_cat(loss, se.sp_group), all_gather_cat(argmax, se.sp_group)
         return loss.cpu().numpy(), argmax.cpu().numpy()
 
     return forward
@@ -152,8 +147,7 @@ def evaluate_in_workers(se, suite_json: str, heldout_path: str, max_heldout: int
     se.engine.eval()
     part = score(sharded_forward(se), suite, heldout, pad_id, multiple=sp, items=items, heldout_ids=rows,
                  extra_items=extra_items, extra_heldout=extra_rows)
-    parts: list = [None] * world
-    dist.all_gather_object(parts, part if se.sp_rank == 0 else None)
+    parts = all_gather_objects(part if se.sp_rank == 0 else None)
     se.engine.train()
     if rank != 0:
         return None

@@ -148,31 +148,31 @@ def content_problem(local_dir: str, manifest: dict, rank: int | None = None) -> 
 def save_checkpoint(engine, step: int, metrics: dict, rank: int) -> None:
     """Every rank: DeepSpeed shards -> Ray Train storage; rank 0 then writes the manifest. Collective."""
     import ray.train
-    import torch.distributed as dist
+
+    from raylong.train import collectives
 
     storage = ray.train.get_context().get_storage()
     fs, path = storage.storage_filesystem, storage.build_checkpoint_path_from_name(checkpoint_name(step))
     if rank == 0:
         delete_manifest(fs, path)  # a directory being rewritten (a redone step) is not complete meanwhile
-    dist.barrier()
+    collectives.barrier()
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"step": step})
         files = describe_files(d, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=checkpoint_name(step))
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, files)  # also the barrier: every rank's shards are in storage
+    gathered = collectives.all_gather_objects(files)  # also the barrier: every rank's shards are in storage
     if rank == 0:
-        write_manifest(fs, path, step, dist.get_world_size(), merge_file_lists(gathered))
-    dist.barrier()
+        write_manifest(fs, path, step, collectives.world_size(), merge_file_lists(gathered))
+    collectives.barrier()
 
 
 def restore_checkpoint(engine, rank: int) -> tuple[int, list[str]]:
     """Load the newest intact checkpoint, if any. Returns (step to continue from, warnings about the
     checkpoints passed over). Collective: every rank agrees on the checkpoint it loads."""
     import ray.train
-    import torch
-    import torch.distributed as dist
+
+    from raylong.train import collectives
 
     storage = ray.train.get_context().get_storage()
     fs = storage.storage_filesystem
@@ -182,11 +182,8 @@ def restore_checkpoint(engine, rank: int) -> tuple[int, list[str]]:
         ckpt = ray.train.Checkpoint(path=cand.path, filesystem=fs)
         with ckpt.as_directory() as local:
             problem = content_problem(local, cand.manifest, rank)  # each rank hashes the files it wrote
-            bad = torch.tensor([1 if problem else 0], device=engine.device)  # NCCL reduces device tensors only
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():
-                problems: list = [None] * dist.get_world_size()
-                dist.all_gather_object(problems, problem)
+            if collectives.reduce_number(1 if problem else 0, engine.device, op="max"):
+                problems = collectives.all_gather_objects(problem)
                 skipped.append(f"{cand.path}: " + "; ".join(p for p in problems if p))
                 continue
             _, client_state = engine.load_checkpoint(local, tag=CHECKPOINT_TAG)
@@ -211,17 +208,17 @@ OPTIMIZER_TAG = "final"
 
 def save_optimizer_state(engine, uri: str, rank: int) -> None:
     """The final DeepSpeed state (optimizer included) for a later stage to carry; collective."""
-    import torch.distributed as dist
+    from raylong.train import collectives
 
     from raylong.storage import upload_dir, write_text
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=OPTIMIZER_TAG)
         upload_dir(d, uri)  # every rank adds its own shard files
-    dist.barrier()
+    collectives.barrier()
     if rank == 0:
-        write_text(f"{uri}/{MANIFEST}", json.dumps({"tag": OPTIMIZER_TAG, "world_size": dist.get_world_size()}))
-    dist.barrier()
+        write_text(f"{uri}/{MANIFEST}", json.dumps({"tag": OPTIMIZER_TAG, "world_size": collectives.world_size()}))
+    collectives.barrier()
 
 
 def load_optimizer_state(engine, uri: str) -> None:

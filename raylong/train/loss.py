@@ -11,10 +11,10 @@ i of each group position, which fails for every SP group that does not hold glob
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from raylong.data.packing import IGNORE
+from raylong.train.collectives import all_reduce_
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -49,22 +49,18 @@ class GroupSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        out = tensor.detach().clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return all_reduce_(tensor.detach().clone(), group=group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return all_reduce_(grad.contiguous().clone(), group=ctx.group), None
 
 
 def group_sum(value: torch.Tensor, group=None, as_float: bool = False):
     """Sum of a scalar over the SP group (no gradient): an int, or a float with as_float."""
     value = value.detach().clone().double()
     if group is not None:
-        dist.all_reduce(value, group=group)
+        all_reduce_(value, group=group)
     return float(value) if as_float else int(value)
 
 

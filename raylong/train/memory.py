@@ -15,9 +15,9 @@ import math
 from types import MethodType
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from raylong.train.collectives import reduce_number
 from raylong.train.loss import IGNORE
 
 LOSS_TILE_BYTES = 1 << 28  # fp32 logits per tile: 256 MiB
@@ -26,11 +26,7 @@ MIN_MLP_TILE = 1024
 
 def _agreed_max(value: int, device) -> int:
     """All ranks must run the same number of tiles (ZeRO-3 gathers parameters per tile)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor(value, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(reduce_number(value, device, op="max"))
 
 
 def _mlp(self, x):

@@ -13,9 +13,9 @@ import resource
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from raylong.config import StageConfig
+from raylong.train import collectives
 from raylong.train.attention import attention_for, reset_sequence_parallel
 from raylong.train.batches import shard_loader
 from raylong.train.engine import build_engine
@@ -44,7 +44,7 @@ class StageEngine:
     @property
     def dp_size(self) -> int:
         """Data-parallel groups: the world's ranks over the SP degree."""
-        return (dist.get_world_size() if dist.is_initialized() else 1) // self.sp_size
+        return collectives.world_size() // self.sp_size
 
     def shard(self, loader):
         """The loader's sequences as this rank's SP shards (the loader itself at SP=1)."""
@@ -86,12 +86,7 @@ def targets_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def step_tokens(se: StageEngine, batches: list[dict[str, torch.Tensor]]) -> int:
     """Learnable tokens of one optimizer step: every micro-batch on every rank (collective). A sequence's
     tokens are split over its SP shards, so the world sum counts each once."""
-    local = sum(int((targets_of(b) != IGNORE).sum()) for b in batches)
-    if not dist.is_initialized():
-        return local
-    total = torch.tensor(local, dtype=torch.float64, device=se.device)  # a device tensor: NCCL reduces no other
-    dist.all_reduce(total)
-    return int(total.item())
+    return int(collectives.reduce_number(sum(int((targets_of(b) != IGNORE).sum()) for b in batches), se.device))
 
 
 def optimizer_step(se: StageEngine, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
@@ -100,11 +95,8 @@ def optimizer_step(se: StageEngine, batches: list[dict[str, torch.Tensor]]) -> t
     mean loss, the step's learnable tokens)."""
     total = step_tokens(se, batches)
     group_sums = sum(loss * tokens for loss, tokens in (micro_step(se, b, total) for b in batches))
-    if not dist.is_initialized():
-        return group_sums / max(total, 1), total
-    summed = torch.tensor(group_sums / se.sp_size, dtype=torch.float64, device=se.device)  # each SP rank holds its group's
-    dist.all_reduce(summed)
-    return float(summed.item()) / max(total, 1), total
+    sp = se.sp_size if collectives.active() else 1  # each SP rank holds its group's sum
+    return collectives.reduce_number(group_sums / sp, se.device) / max(total, 1), total
 
 
 def token_weight(se: StageEngine, tokens: int, step_total: int | None) -> float:

@@ -25,6 +25,7 @@ from raylong.credentials import credential_names
 from raylong.log import get_logger
 from raylong.storage import download_dir, read_text
 from raylong.tracking import Tracker
+from raylong.train import collectives
 from raylong.train.batches import resumed_batches
 from raylong.train.checkpoints import load_optimizer_state, restore_checkpoint, save_checkpoint, save_optimizer_state
 from raylong.train.engine import consolidated_state_dict
@@ -153,11 +154,11 @@ class StageWorker:
                 record(summary, self.tracker, spec.mlflow_run_id)
                 log.info("%s eval: %s", stage.name, ", ".join(
                     f"{k}={v:.3f}" for k, v in summary["metrics"].items() if "passkey" in k or "short" in k or "heldout" in k))
-        dist.barrier()
+        collectives.barrier()
         ray.train.report({**self.metrics, **self.resume_info, "step": stage.optim.steps})
 
     def finish_trial(self) -> None:
-        dist.barrier()
+        collectives.barrier()
 
     # -------------------------------------------------------------------------------- helpers
     def evaluate(self) -> dict | None:
