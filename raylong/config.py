@@ -245,8 +245,18 @@ class EvalConfig(_Strict):
             raise ValueError(f"eval.depths must be fractions in [0, 1] (got {v})")
         return v
 
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        known = ("passkey", "multikey", "multivalue", "vartrack")
+        if not v or len(set(v)) != len(v) or not set(v) <= set(known):
+            raise ValueError(f"eval.tasks must be distinct names from {', '.join(known)} (got {v})")
+        return v
+
     enabled: bool = True
     filler: str | None = Field(None, description="glob of real text for passkey haystacks (None: no passkey)")
+    tasks: list[str] = Field(["passkey"], description="retrieval tasks (RULER-style): passkey, multikey, "
+                                                      "multivalue, vartrack")
     lengths: list[int] | None = Field(None, description="passkey context lengths (default: 3 log-spaced <= seq_len)")
     depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="needle depths, fractions in [0, 1]")
     per_cell: int = Field(2, ge=1, description="passkey prompts per (length, depth)")

@@ -3,6 +3,8 @@ passkey, a random model scores at chance (0 for a 5-digit key), loss-by-position
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,66 @@ def test_padding_forwards_are_run_but_not_scored(tokenizer_dir):
     assert sorted(i for p in parts for i in p["hits"]) == list(range(18))
     summary = combine(suite, [], parts)
     assert summary["metrics"]["eval/passkey_acc/128"] == summary["metrics"]["eval/passkey_acc/512"] == 1.0
+
+
+def test_every_retrieval_task_is_answerable_from_its_context_and_only_from_it(tokenizer_dir, tmp_path):
+    """multikey / multivalue / vartrack items hold their answer in the context (vartrack: two hops away, so
+    the copier, an induction head over 3-token contexts, cannot answer it); the summary and the metrics have
+    one accuracy per task and length."""
+    stage = eval_stage("pretrain").model_copy(deep=True)
+    stage.eval.tasks, stage.eval.lengths = ["passkey", "multikey", "multivalue", "vartrack"], [256, 512]
+    suite = build_eval_suite(stage, tokenizer_dir)
+    assert len(suite.passkey) == 4 * 2 * 3 * 3
+    by_task = {}
+    for item in suite.passkey:
+        by_task.setdefault(item.task, []).append(item)
+        assert len(item.input_ids) <= item.length
+        prompt, answer = item.input_ids[: item.answer_start], item.input_ids[item.answer_start:]
+        assert len(answer) == item.answer_len and item.answer_len > 0
+        text, said = tok_decode(tokenizer_dir, prompt), tok_decode(tokenizer_dir, answer).strip()
+        lead = text.rsplit("\n", 1)[1]
+        if item.task == "multikey":  # the named key's own sentence, among three others
+            assert f"{lead} {said}." in text and text.count("The pass key for ") == 5
+        elif item.task == "vartrack":  # the value is assigned to the first variable only
+            assert f"= {said}." in text and f"{lead} {said}" not in text
+    from raylong.data.synth import needle_prompt
+    import random
+
+    prompt, lead, answer = needle_prompt("multivalue", random.Random(0), "a\nb\nc\nd\n", 0.5)
+    values = answer.split(", ")
+    assert len(values) == 3 and all(f"of {lead.split()[3]} is {v}." in prompt for v in values)
+    assert [prompt.index(v) for v in values] == sorted(prompt.index(v) for v in values)  # in order of appearance
+    prompt, lead, answer = needle_prompt("vartrack", random.Random(0), "a\nb\nc\nd\n", 0.0)
+    names = [line.split()[1] for line in prompt.splitlines() if line.startswith("VAR ")]
+    assert f"VAR {names[0]} = {answer}." in prompt and f"VAR {names[2]} = VAR {names[1]}." in prompt
+    assert lead == f"The value of VAR {names[2]} is"
+    summary = evaluate(copier(), suite, [], pad_id=0)
+    for task in ("multikey", "vartrack", "multivalue"):
+        assert set(summary["tasks"][task]) == {"256", "512"}
+        assert f"eval/{task}_acc/512" in summary["metrics"]
+    assert summary["tasks"]["passkey"]["512"] == summary["metrics"]["eval/passkey_acc/512"] == 1.0
+    assert summary["tasks"]["multikey"]["512"] >= 0.75  # 3-token contexts: names sharing a last token collide
+    assert summary["tasks"]["vartrack"]["512"] == 0.0  # two hops: copying the last mention is not enough
+    from raylong.eval.run import record
+
+    out = record(summary, None, None, str(tmp_path))
+    assert json.loads((tmp_path / "eval.json").read_text())["tasks"] == summary["tasks"]
+    assert (tmp_path / "retrieval_by_length.png").stat().st_size > 1000 and out == str(tmp_path)
+
+
+def tok_decode(tokenizer_dir: str, ids: list[int]) -> str:
+    from raylong.data.tokenize import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir).decode(ids)
+
+
+def test_a_task_that_cannot_fit_its_length_is_refused(tokenizer_dir):
+    stage = eval_stage("pretrain").model_copy(deep=True)
+    stage.eval.tasks, stage.eval.lengths = ["multikey"], [48]
+    with pytest.raises(ValueError, match="eval length 48 is too short for the multikey task: its needles, question"):
+        build_eval_suite(stage, tokenizer_dir)
+
+
+def test_an_unknown_task_is_refused():
+    with pytest.raises(ValueError, match="eval.tasks must be distinct names from passkey, multikey"):
+        StageConfig.model_validate({**eval_stage("pretrain").model_dump(), "eval": {"tasks": ["needle"]}})

@@ -61,6 +61,54 @@ def passkey_prompt(filler: str, key: str, depth: float) -> str:
     return filler[:cut] + needle + filler[cut:] + "\nWhat is the pass key?"
 
 
+NEEDLE_TASKS = ("passkey", "multikey", "multivalue", "vartrack")  # after RULER (Hsieh et al., 2024)
+
+
+def insert_lines(filler: str, lines: list[tuple[float, str]]) -> str:
+    """Filler with each (depth, line) inserted at that fraction of it, cut at a line break; lines at the
+    same depth keep their order."""
+    cuts = []
+    for depth, line in lines:
+        cut = int(len(filler) * depth)
+        nl = filler.rfind("\n", 0, cut)
+        cuts.append((nl + 1 if nl >= 0 else cut, line))
+    out, last = [], 0
+    for cut, line in sorted(cuts, key=lambda c: c[0]):
+        out += [filler[last:cut], f"\n{line}\n"]
+        last = cut
+    return "".join(out) + filler[last:]
+
+
+def needle_prompt(task: str, rng: random.Random, filler: str, depth: float) -> tuple[str, str, str]:
+    """(prompt, the reply's opening, the answer) of one retrieval task over `filler`, its needle at `depth`:
+    passkey     one key, repeated in its sentence ("The pass key is K. Remember it. K is the pass key.")
+    multikey    four named keys; the question names one (the others distract)
+    multivalue  three values of one name at different depths; all of them, in the order they appear
+    vartrack    VAR A = K, then B = A, C = B later on; the value of C (two hops)"""
+    key = lambda: str(rng.randrange(10_000, 100_000))  # noqa: E731
+    name = lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))  # noqa: E731
+    if task == "passkey":
+        k = key()
+        return passkey_prompt(filler, k, depth), "The pass key is", k
+    if task == "multikey":
+        names, keys = [name() for _ in range(4)], [key() for _ in range(4)]
+        at = [depth] + [rng.random() for _ in range(3)]
+        text = insert_lines(filler, [(d, f"The pass key for {n} is {k}.") for d, n, k in zip(at, names, keys)])
+        return text + f"\nWhat is the pass key for {names[0]}?", f"The pass key for {names[0]} is", keys[0]
+    if task == "multivalue":
+        n, at = name(), sorted([depth] + [rng.random() for _ in range(2)])
+        values = [key() for _ in at]
+        text = insert_lines(filler, [(d, f"One of the values of {n} is {v}.") for d, v in zip(at, values)])
+        return text + f"\nWhat are all the values of {n}?", f"The values of {n} are", ", ".join(values)
+    if task == "vartrack":
+        a, b, c, k = name(), name(), name(), key()
+        later = sorted(depth + (1 - depth) * rng.random() for _ in range(2))
+        text = insert_lines(filler, [(depth, f"VAR {a} = {k}."), (later[0], f"VAR {b} = VAR {a}."),
+                                     (later[1], f"VAR {c} = VAR {b}.")])
+        return text + f"\nWhat is the value of VAR {c}?", f"The value of VAR {c} is", k
+    raise ValueError(f"unknown retrieval task {task!r} (known: {', '.join(NEEDLE_TASKS)})")
+
+
 def make_passkey(rng: random.Random, hay: Haystack, tokens: int, depth: float) -> tuple[str, str]:
     key = str(rng.randrange(10_000, 100_000))
     return passkey_prompt(hay.slice(rng, tokens), key, depth), key

@@ -17,5 +17,5 @@ def build_eval_suite(stage: StageConfig, tokenizer_dir: str) -> EvalSuite:
         hay = Haystack.from_glob(ev.filler, tok, seed=ev.seed)
         lengths = ev.lengths or passkey_lengths(stage.seq_len)
         suite.passkey = build_passkey_items(tok, hay, lengths, ev.depths, ev.per_cell, chat=stage.kind == "sft",
-                                            seed=ev.seed)
+                                            seed=ev.seed, tasks=tuple(ev.tasks))
     return suite

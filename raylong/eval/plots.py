@@ -61,3 +61,15 @@ def loss_curves(per_stage: dict[str, list[float]], path: str) -> str:
         ax.plot(range(offset, offset + len(losses)), losses, label=stage)
         offset += len(losses)
     return _finish(fig, ax, "step (chain)", "train loss", path)
+
+
+def task_curves(tasks: dict[str, dict[str, float]], path: str, title: str = "") -> str:
+    """Exact-match accuracy per context length (log-x), one line per retrieval task."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for task, by_length in tasks.items():
+        lengths = sorted(by_length, key=int)
+        ax.plot([int(n) for n in lengths], [by_length[n] for n in lengths], marker="o", label=task)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title, fontsize=9)
+    return _finish(fig, ax, "context tokens", "exact match", path)

@@ -156,7 +156,7 @@ def evaluate_in_workers(se, suite_json: str, heldout_path: str, max_heldout: int
 
 def record(summary: dict, tracker: Tracker | None, run_id: str | None, out_dir: str | None = None) -> str:
     """Write eval.json + PNGs; with a tracker, log metrics and artifacts to the stage's MLflow run."""
-    from raylong.eval.plots import passkey_heatmap, position_curve
+    from raylong.eval.plots import passkey_heatmap, position_curve, task_curves
 
     out_dir = out_dir or tempfile.mkdtemp(prefix="raylong-eval-")
     os.makedirs(out_dir, exist_ok=True)
@@ -164,6 +164,8 @@ def record(summary: dict, tracker: Tracker | None, run_id: str | None, out_dir: 
         json.dump(summary, f, indent=2)
     passkey_heatmap({summary["stage"]: summary["passkey"]}, os.path.join(out_dir, "passkey_heatmap.png"))
     position_curve({summary["stage"]: summary["loss_by_position"]}, os.path.join(out_dir, "loss_by_position.png"))
+    if summary.get("tasks"):
+        task_curves(summary["tasks"], os.path.join(out_dir, "retrieval_by_length.png"), summary["stage"])
     if tracker is not None and run_id:
         tracker.log_metrics(run_id, summary["metrics"])
         tracker.log_artifacts(run_id, out_dir, "eval")

@@ -23,11 +23,14 @@ from raylong.data.packing import IGNORE
 
 @dataclass
 class PasskeyItem:
+    """One retrieval prompt and its answer (passkey or another needle task), scored by exact match."""
+
     length: int  # requested context length in tokens (the prompt is at most this long)
     depth: float
     input_ids: list[int]
-    answer_start: int  # index of the first key token in input_ids
+    answer_start: int  # index of the first answer token in input_ids
     answer_len: int
+    task: str = "passkey"
 
 
 @dataclass
@@ -56,35 +59,46 @@ def passkey_lengths(seq_len: int, count: int = 3, smallest: int = 256) -> list[i
 
 
 def build_passkey_items(tok, hay, lengths: list[int], depths: list[float], per_cell: int, chat: bool,
-                        seed: int = 0) -> list[PasskeyItem]:
-    """Prompts of real filler with the key at each depth; the model must continue with the key."""
-    from raylong.data.synth import passkey_prompt
-
-    rng = random.Random(seed)
+                        seed: int = 0, tasks: tuple[str, ...] = ("passkey",)) -> list[PasskeyItem]:
+    """Prompts of real filler with the needle at each depth, per task; the model must continue with the
+    answer. Each task draws from its own seeded stream, so adding a task leaves the others' items as they were."""
     items = []
-    for length in lengths:
-        for depth in depths:
-            for _ in range(per_cell):
-                key = str(rng.randrange(10_000, 100_000))
-                key_ids = tok(" " + key, add_special_tokens=False)["input_ids"]
-                budget = length - 48 - len(key_ids)  # room for the question and the template
-                filler = hay.slice(rng, max(8, budget))
-                ids = _encode_prompt(tok, passkey_prompt(filler, key, depth), chat)
-                while len(ids) + len(key_ids) > length and len(filler) > 16:  # trim to fit exactly
-                    filler = filler[: int(len(filler) * 0.9)]
-                    ids = _encode_prompt(tok, passkey_prompt(filler, key, depth), chat)
-                items.append(PasskeyItem(length, depth, ids + key_ids, len(ids), len(key_ids)))
+    for task in tasks:
+        rng = random.Random(seed if task == "passkey" else f"{seed}-{task}")
+        for length in lengths:
+            for depth in depths:
+                for _ in range(per_cell):
+                    items.append(_needle_item(tok, hay, rng, task, length, depth, chat))
     return items
 
 
-def _encode_prompt(tok, prompt: str, chat: bool) -> list[int]:
-    """Prompt ending just before the key: '... The pass key is' (prefilled reply in chat format)."""
+def _needle_item(tok, hay, rng: random.Random, task: str, length: int, depth: float, chat: bool) -> PasskeyItem:
+    from raylong.data.synth import needle_prompt
+
+    draw = rng.random()  # the item's keys and names, the same however much filler is cut below
+    answer = needle_prompt(task, random.Random(draw), "", depth)[2]
+    budget = length - 64 - 2 * len(tok(" " + answer, add_special_tokens=False)["input_ids"])
+    filler = hay.slice(rng, max(8, budget))  # room left for the needles, the question and the template
+    while True:  # trim the filler until prompt + answer fit
+        prompt, lead, answer = needle_prompt(task, random.Random(draw), filler, depth)
+        ids = _encode_prompt(tok, prompt, lead, chat)
+        answer_ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
+        if len(ids) + len(answer_ids) <= length:
+            return PasskeyItem(length, depth, ids + answer_ids, len(ids), len(answer_ids), task)
+        if not filler:
+            raise ValueError(f"eval length {length} is too short for the {task} task: its needles, question and "
+                             f"answer alone take {len(ids) + len(answer_ids)} tokens")
+        filler = filler[: int(len(filler) * 0.9)]
+
+
+def _encode_prompt(tok, prompt: str, lead: str, chat: bool) -> list[int]:
+    """Prompt ending just before the answer: '... <lead>' (the reply's opening prefilled in chat format)."""
     if chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True,
                                       return_dict=True)["input_ids"]
-        return list(ids) + tok("The pass key is", add_special_tokens=False)["input_ids"]
+        return list(ids) + tok(lead, add_special_tokens=False)["input_ids"]
     head = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    return head + tok(prompt + "\nThe pass key is", add_special_tokens=False)["input_ids"]
+    return head + tok(prompt + "\n" + lead, add_special_tokens=False)["input_ids"]
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -124,20 +138,22 @@ def loss_by_position(token_losses: list[np.ndarray], labels: list[np.ndarray], s
 
 def summarize(stage: str, seq_len: int, heldout: dict[str, float], heldout_loss: float | None, short_loss: float | None,
               hits: list[tuple[PasskeyItem, bool]]) -> dict:
-    """The stage's evaluation as one JSON-able dict, plus the flat metrics to log."""
-    grid: dict[int, dict[float, list[bool]]] = {}
+    """The stage's evaluation as one JSON-able dict, plus the flat metrics to log. `passkey` is the
+    single-needle grid (length x depth); `tasks` every task's accuracy per length."""
+    grids: dict[str, dict[int, dict[float, list[bool]]]] = {}
     for item, hit in hits:
-        grid.setdefault(item.length, {}).setdefault(item.depth, []).append(hit)
+        grids.setdefault(item.task, {}).setdefault(item.length, {}).setdefault(item.depth, []).append(hit)
     passkey = {
         str(length): {f"{d:.2f}": float(np.mean(v)) for d, v in sorted(depths.items())}
-        for length, depths in sorted(grid.items())
+        for length, depths in sorted(grids.get("passkey", {}).items())
     }
-    metrics = {f"eval/passkey_acc/{length}": float(np.mean([h for v in depths.values() for h in v]))
-               for length, depths in grid.items()}
+    tasks = {task: {str(length): float(np.mean([h for v in depths.values() for h in v]))
+                    for length, depths in sorted(grid.items())} for task, grid in grids.items()}
+    metrics = {f"eval/{task}_acc/{length}": acc for task, by_length in tasks.items() for length, acc in by_length.items()}
     metrics.update({f"eval/loss_pos_{k}": v for k, v in heldout.items()})
     if heldout_loss is not None:
         metrics["eval/heldout_loss"] = heldout_loss
     if short_loss is not None:
         metrics["eval/short_loss"] = short_loss
-    return {"stage": stage, "seq_len": seq_len, "passkey": passkey, "loss_by_position": heldout,
+    return {"stage": stage, "seq_len": seq_len, "passkey": passkey, "tasks": tasks, "loss_by_position": heldout,
             "heldout_loss": heldout_loss, "short_loss": short_loss, "metrics": metrics}

@@ -12,7 +12,7 @@ from raylong.tracking import Tracker
 log = get_logger(__name__)
 
 TABLE_COLUMNS = ["stage", "status", "seq_len", "steps", "first_loss", "last_loss", "heldout_loss", "short_loss",
-                 "passkey", "tokens_per_s", "wall_s", "export"]
+                 "passkey", "other_tasks", "tokens_per_s", "wall_s", "export"]
 
 
 def stage_rows(tracker: Tracker, pipeline_id: str) -> list[dict]:
@@ -29,6 +29,8 @@ def stage_rows(tracker: Tracker, pipeline_id: str) -> list[dict]:
         m = run.data.metrics
         losses = tracker.metric_history(rec.run_id, "train/loss")
         passkey = {int(k.rsplit("/", 1)[1]): v for k, v in m.items() if k.startswith("eval/passkey_acc/")}
+        others = sorted((k[len("eval/"):].replace("_acc/", "@"), v) for k, v in m.items()
+                        if "_acc/" in k and not k.startswith("eval/passkey_acc/"))
         end = run.info.end_time or run.info.start_time
         rows.append({
             "stage": rec.stage,
@@ -41,6 +43,7 @@ def stage_rows(tracker: Tracker, pipeline_id: str) -> list[dict]:
             "short_loss": m.get("eval/short_loss", float("nan")),
             "passkey": " ".join(f"{k}:{v:.2f}" for k, v in sorted(passkey.items())) or "-",
             "passkey_by_length": passkey,
+            "other_tasks": " ".join(f"{k}:{v:.2f}" for k, v in others) or "-",
             "tokens_per_s": m.get("train/tokens_per_s", float("nan")),
             "wall_s": round((end - run.info.start_time) / 1000, 1),
             "export": rec.export_uri or "",
