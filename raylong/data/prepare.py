@@ -134,25 +134,32 @@ class _Tokenize:
 
         n = len(batch["source"])
         ok = [i for i in range(n) if not batch["error"][i]]
-        tokens: list[list[int] | None] = [[] for _ in range(n)]
-        labels: list[list[int] | None] = [[] for _ in range(n)]
+        empty = np.zeros(0, dtype=np.int32)
+        tokens, labels = [empty] * n, [empty] * n
         if self.sft:
             for i in ok:
-                ids, lab = encode_conversation(self.tok, json.loads(batch["messages"][i]))
-                tokens[i], labels[i] = ids.tolist(), lab.tolist()
+                tokens[i], labels[i] = encode_conversation(self.tok, json.loads(batch["messages"][i]))
         elif ok:
             for i, ids in zip(ok, encode_documents(self.tok, [str(batch["text"][i]) for i in ok], self.separator)):
-                tokens[i] = ids.tolist()
+                tokens[i] = ids
         return pa.table(
             {
                 "source": [str(s) for s in batch["source"]],
                 "origin": [str(s) for s in batch["origin"]],
-                "tokens": tokens,
-                "labels": labels,
+                "tokens": int32_lists(tokens),
+                "labels": int32_lists(labels),
                 "error": [str(e) for e in batch["error"]],
             },
             schema=TOKENS_SCHEMA,
         )
+
+
+def int32_lists(arrays: list[np.ndarray]) -> pa.ListArray:
+    """numpy token arrays as one list<int32> Arrow column: offsets + concatenated values, no Python ints."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def tokenizer_pool_size(data: DataConfig) -> int:
