@@ -12,7 +12,8 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 from raylong.config import PipelineConfig, StageConfig, expand_path
 from raylong.credentials import redact
@@ -57,6 +58,7 @@ class StageInputs:
     data_report: dict
     data_directory: str
     data_cached: bool
+    prefetched: bool = False  # prepared in the background while the previous stage trained
 
 
 def ensure_ray() -> None:
@@ -83,6 +85,8 @@ class PipelineContext:
     tokenizer_uri: str | None = None  # set by start()
     tokenizer_local: str | None = None
     base_model_uri: str | None = None
+    _prefetched: dict[str, Future] = field(default_factory=dict, repr=False)  # stage name -> its StageInputs
+    _prefetcher: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, cfg: PipelineConfig, pipeline_id: str, tracking_uri: str | None = None,
@@ -164,9 +168,33 @@ class PipelineContext:
         log.info("%s %s copied into %s in %.0fs", field, redact(path), redact(target), time.time() - start)
         return target
 
+    def prefetch_stage(self, stage: StageConfig) -> None:
+        """Start preparing a later stage's inputs in a background thread of the driver (while the current
+        stage trains), so its data is ready when the workers are; `prepare_stage` collects the result."""
+        if stage.name not in self._prefetched:
+            self._prefetcher = self._prefetcher or ThreadPoolExecutor(1, thread_name_prefix="raylong-prefetch")
+            self._prefetched[stage.name] = self._prefetcher.submit(self._prepare, stage, None)
+            log.info("data %s: preparing in the background", stage.name)
+
+    def close(self) -> None:
+        """Stop background preparation (a running one finishes its current stage; queued ones are dropped)."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+            self._prefetcher = None
+
     def prepare_stage(self, stage: StageConfig, eval_suite_uri: str | None = None) -> StageInputs:
         """Packed data through Ray Data, then the evaluation suite (written to `eval_suite_uri`, by default
-        the pipeline's eval/<stage>.json) when the stage is evaluated. Raises DataError on bad input."""
+        the pipeline's eval/<stage>.json) when the stage is evaluated. Raises DataError on bad input. A
+        stage prefetched earlier is collected (waited for) instead of prepared again."""
+        future = self._prefetched.pop(stage.name, None) if eval_suite_uri is None else None
+        if future is not None:
+            start = time.time()
+            inputs = future.result()
+            log.info("data %s: prepared in the background (waited %.1fs for it)", stage.name, time.time() - start)
+            return replace(inputs, prefetched=True)
+        return self._prepare(stage, eval_suite_uri)
+
+    def _prepare(self, stage: StageConfig, eval_suite_uri: str | None) -> StageInputs:
         from raylong.data.prepare import DataError, prepare_stage_data
         from raylong.eval.build import build_eval_suite
 

@@ -64,14 +64,17 @@ def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_u
                 result.stages.append(StageOutcome(stage.name, done.run_id, done.export_uri, skipped=True))
                 log.info("stage %d %s: FINISHED in run %s, skipped", index, stage.name, done.run_id)
                 continue
+            upcoming = cfg.stages[index + 1] if index + 1 < len(cfg.stages) else None
             outcome = run_stage(ctx, parent, index, stage, init_uri, save_optimizer=stage.name in carried,
-                                worker_cls=worker_cls)
+                                worker_cls=worker_cls, prefetch=upcoming)
             exports[stage.name] = outcome.export_uri
             result.stages.append(outcome)
         finish_pipeline(ctx, parent, result)
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise
+    finally:
+        ctx.close()
     tracker.end_run(parent, "FINISHED")
     return result
 
@@ -92,8 +95,9 @@ def finish_pipeline(ctx: PipelineContext, parent: str, result: PipelineResult) -
 
 
 def run_stage(ctx: PipelineContext, parent: str, index: int, stage: StageConfig, init_uri: str,
-              save_optimizer: bool = False, worker_cls=None) -> StageOutcome:
-    """data -> train -> export -> record, for one stage, inside its own child run."""
+              save_optimizer: bool = False, worker_cls=None, prefetch: StageConfig | None = None) -> StageOutcome:
+    """data -> train -> export -> record, for one stage, inside its own child run. `prefetch`: the next
+    stage, whose data is prepared in the background once this stage's is ready."""
     from raylong.train.launch import run_training
     from raylong.train.model import export_complete
 
@@ -108,9 +112,12 @@ def run_stage(ctx: PipelineContext, parent: str, index: int, stage: StageConfig,
              init_uri, run_id)
     try:
         inputs = ctx.prepare_stage(stage)
+        if prefetch is not None:
+            ctx.prefetch_stage(prefetch)
         tracker.log_json(run_id, inputs.data_report, "data_report.json")
         tracker.log_metrics(run_id, {f"data/{k}": v for k, v in inputs.data_report.items() if isinstance(v, (int, float))})
-        tracker.set_tags(run_id, {"data_dir": inputs.data_directory, "data_cached": str(inputs.data_cached)})
+        tracker.set_tags(run_id, {"data_dir": inputs.data_directory, "data_cached": str(inputs.data_cached),
+                                  "data_prefetched": str(inputs.prefetched)})
         init_stage = ctx.cfg.init_stage_of(index)
         spec = ctx.worker_spec(
             stage, inputs, init_uri, run_id, export_uri=export_uri,
