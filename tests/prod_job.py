@@ -12,12 +12,19 @@ import argparse
 import os
 import signal
 
+from raylong.log import get_logger
 from raylong.train.worker import StageWorker
 
 KILL_STAGE, KILL_STEP = "cp_512", 5
 
 
 class KillRank1Once(StageWorker):
+    def setup(self) -> None:
+        super().setup()
+        if self.rank == 0:  # torch's TCPStore listens here, on the wildcard address: the test allows exactly it
+            get_logger(__name__).info("TCPStore of this training group: pid %d port %s", os.getpid(),
+                                      os.environ.get("MASTER_PORT"))
+
     def before_step(self, step: int) -> None:
         if self.stage.name == KILL_STAGE and step == KILL_STEP and self.rank == 1 and self.start_step == 0:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -27,7 +34,6 @@ def main() -> None:
     import ray
 
     from raylong.config import load_recipe
-    from raylong.log import get_logger
     from raylong.pipeline.context import ensure_ray
     from raylong.pipeline.runner import run_pipeline
 
