@@ -5,7 +5,7 @@ Per-GPU memory = static + local tokens x bytes per local token, with local token
 
 static
   weights        2P / N           (ZeRO-3 shards over all N GPUs; 0 with offload_params)
-  gradients      2P / N           (0 with offload_optimizer: ZeRO-Offload keeps fp32 grads on the CPU)
+  gradients      4P / N           fp32 accumulation (0 with offload_optimizer: ZeRO-Offload keeps them on the CPU)
   optimizer     12P / N           (fp32 master + Adam m, v; 0 with offload_optimizer)
   working set   2 layers gathered by ZeRO-3 prefetch + the embedding/lm_head (2 B/param)
   runtime       CUDA context and allocator slack (3 GB); 1 GB more for the tiled loss chunk
@@ -93,7 +93,7 @@ def static_bytes(m: ModelShape, num_gpus: int, mem: MemoryConfig) -> dict[str, f
     p = m.params
     return {
         "weights": 0.0 if mem.offload_params else 2 * p / num_gpus,
-        "gradients": 0.0 if mem.offload_optimizer else 2 * p / num_gpus,
+        "gradients": 0.0 if mem.offload_optimizer else 4 * p / num_gpus,  # accumulated in fp32
         "optimizer": 0.0 if mem.offload_optimizer else 12 * p / num_gpus,
         "zero3_working_set": 2 * (2 * m.layer_params + m.vocab * m.hidden),
         "runtime": (RUNTIME_GB + (TILED_LOSS_CHUNK_GB if mem.tiled_loss else 0.0)) * GB,

@@ -142,3 +142,27 @@ def test_export_states_the_rope_for_v4_readers_and_v5_reads_it_back(tiny_model_d
     config = json.load(open(tmp_path / "plain" / "config.json"))
     assert config["rope_theta"] == 5000.0 and config["rope_scaling"] is None
     assert AutoConfig.from_pretrained(tmp_path / "plain").rope_parameters == default.rope.to_hf()
+
+
+def test_gpu_stages_accumulate_and_reduce_gradients_in_fp32():
+    """bf16 weights on GPU, but gradient accumulation and every gradient reduction (DP, and the SP-group
+    reductions DeepSpeed switches to seq_parallel_communication_data_type) in fp32, as DeepSpeed reads it."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from raylong.config import StageConfig
+    from raylong.train.engine import deepspeed_config
+
+    def stage(use_gpu: bool, zero: int) -> StageConfig:
+        return StageConfig.model_validate({
+            "name": "g", "kind": "pretrain", "seq_len": 1024,
+            "data": {"sources": [{"name": "x", "path": "/dev/null", "format": "text"}]},
+            "optim": {"steps": 1, "grad_accum": 4},
+            "parallel": {"num_workers": 8, "sp_size": 4, "zero_stage": zero, "use_gpu": use_gpu}})
+
+    for zero in (1, 2, 3):
+        ds = DeepSpeedConfig(deepspeed_config(stage(True, zero)))
+        assert ds.bfloat16_config.enabled
+        assert ds.grad_accum_dtype == "fp32"
+        assert ds.communication_data_type == torch.float32 and ds.seq_parallel_communication_data_type == torch.float32
+    cpu = DeepSpeedConfig(deepspeed_config(stage(False, 3)))
+    assert not cpu.bfloat16_config.enabled and cpu.grad_accum_dtype is None  # fp32 throughout on CPU

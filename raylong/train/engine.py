@@ -33,8 +33,13 @@ def deepspeed_config(stage: StageConfig) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if p.use_gpu:
+        # bf16 weights and activations; gradients accumulated over micro-batches and reduced over ranks in
+        # fp32 (DeepSpeed: BF16_Optimizer for ZeRO-1, the ZeRO-2/3 optimizers' gradient_accumulation_dtype;
+        # with SP > 1 the gradient reductions use seq_parallel_communication_data_type)
         cfg["bf16"] = {"enabled": True}
-        cfg["seq_parallel_communication_data_type"] = "bf16"
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = "fp32"
+        cfg["seq_parallel_communication_data_type"] = "fp32"
     return cfg
 
 
