@@ -235,6 +235,9 @@ class ParallelConfig(_Strict):
         return self
 
 
+NEEDLE_TASKS = ("passkey", "multikey", "multivalue", "vartrack")  # retrieval tasks after RULER (Hsieh et al., 2024)
+
+
 class EvalConfig(_Strict):
     """Evaluation run after the stage trains, by the same workers at the same SP degree."""
 
@@ -248,9 +251,8 @@ class EvalConfig(_Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
-        known = ("passkey", "multikey", "multivalue", "vartrack")
-        if not v or len(set(v)) != len(v) or not set(v) <= set(known):
-            raise ValueError(f"eval.tasks must be distinct names from {', '.join(known)} (got {v})")
+        if not v or len(set(v)) != len(v) or not set(v) <= set(NEEDLE_TASKS):
+            raise ValueError(f"eval.tasks must be distinct names from {', '.join(NEEDLE_TASKS)} (got {v})")
         return v
 
     enabled: bool = True

@@ -109,6 +109,16 @@ def reference(model_dir: str, batch: dict[str, torch.Tensor]):
     return loss.item(), int(count), before, update
 
 
+def update_vs_reference(got: dict, model_dir: str, batch: dict[str, torch.Tensor]) -> float:
+    """Checks the SP run's learnable tokens and loss against SP=1; returns its update's relative difference."""
+    ref_loss, ref_tokens, before, ref_update = reference(model_dir, batch)
+    assert got["tokens"] == ref_tokens
+    assert abs(got["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (got["loss"], ref_loss)
+    num = sum(((got["params"][k] - before[k]) - ref_update[k]).pow(2).sum() for k in ref_update)
+    den = sum(u.pow(2).sum() for u in ref_update.values())
+    return float((num / den).sqrt())
+
+
 @pytest.fixture(scope="module")
 def sp2_results(tiny_model_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sp2"))
@@ -125,13 +135,7 @@ def test_sp2_update_equals_sp1(sp2_results, tiny_model_dir, zero, variant, case)
     from transformers import AutoConfig
 
     batch = make_batches(AutoConfig.from_pretrained(tiny_model_dir).vocab_size)[case]
-    ref_loss, ref_tokens, before, ref_update = reference(tiny_model_dir, batch)
-    got = sp2_results[(zero, variant, case)]
-    assert got["tokens"] == ref_tokens
-    assert abs(got["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (got["loss"], ref_loss)
-    num = sum(((got["params"][k] - before[k]) - ref_update[k]).pow(2).sum() for k in ref_update)
-    den = sum(u.pow(2).sum() for u in ref_update.values())
-    rel = float((num / den).sqrt())
+    rel = update_vs_reference(sp2_results[(zero, variant, case)], tiny_model_dir, batch)
     assert rel <= 1e-5, f"ZeRO-{zero} {variant} {case}: SP=2 update differs from SP=1 by {rel:.3e} (relative)"
 
 
@@ -169,12 +173,6 @@ def test_sp4_over_fewer_kv_heads_than_sp_equals_sp1(sp4_results, tiny_model_dir,
     batch = make_batches(config.vocab_size)[case]
     if case == "sft":  # the first of the four 64-token shards holds no learnable token
         assert int((shift_labels(batch["labels"])[0][: SEQ_LEN // 4] != -100).sum()) == 0
-    ref_loss, ref_tokens, before, ref_update = reference(tiny_model_dir, batch)
-    got = sp4_results[(zero, variant, case)]
-    assert got["tokens"] == ref_tokens
-    assert abs(got["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (got["loss"], ref_loss)
-    num = sum(((got["params"][k] - before[k]) - ref_update[k]).pow(2).sum() for k in ref_update)
-    den = sum(u.pow(2).sum() for u in ref_update.values())
-    rel = float((num / den).sqrt())
+    rel = update_vs_reference(sp4_results[(zero, variant, case)], tiny_model_dir, batch)
     print(f"[figure] SP=4 over 2 KV heads, ZeRO-{zero} {variant} {case}: update vs SP=1 relative difference {rel:.2e}")
     assert rel <= 1e-5, f"SP=4 ZeRO-{zero} {variant} {case}: update differs from SP=1 by {rel:.3e} (relative)"

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from raylong.config import GenerateConfig, expand_path
+from raylong.config import NEEDLE_TASKS, GenerateConfig, expand_path
 
 
 @dataclass
@@ -59,9 +59,6 @@ def passkey_prompt(filler: str, key: str, depth: float) -> str:
     cut = nl + 1 if nl >= 0 else cut
     needle = f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
     return filler[:cut] + needle + filler[cut:] + "\nWhat is the pass key?"
-
-
-NEEDLE_TASKS = ("passkey", "multikey", "multivalue", "vartrack")  # after RULER (Hsieh et al., 2024)
 
 
 def insert_lines(filler: str, lines: list[tuple[float, str]]) -> str:

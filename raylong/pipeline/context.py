@@ -153,9 +153,10 @@ class PipelineContext:
         marker = f"{target}/SOURCE.json"
         copied = read_text(marker)
         if copied is not None:
-            if json.loads(copied)["source"] != path:
+            source = json.loads(copied)["source"]
+            if source != path:
                 raise ValueError(f"{field} is {path!r} but this pipeline's {redact(target)} was copied from "
-                                 f"{json.loads(copied)['source']!r}; start a new pipeline id to change it")
+                                 f"{source!r}; start a new pipeline id to change it")
             return target
         start = time.time()
         if is_dir:
