@@ -141,6 +141,7 @@ def test_compressed_sources_through_ray_data_keep_every_token(ray_cluster, token
     same sequences: nothing decompressed twice, nothing lost."""
     import gzip
 
+    import pyarrow as pa
     import zstandard
 
     from tests.test_pieces import stdlib_jsonl
@@ -155,6 +156,16 @@ def test_compressed_sources_through_ray_data_keep_every_token(ray_cluster, token
         assert data.report["bad_records"] == 1 and data.report["documents_in"] >= 20, (name, data.report)
         packed[name] = (data.report["tokens_in"], pq.read_table(data.train_uri).column("input_ids").to_pylist())
     assert packed["gz.jsonl.gz"] == packed["plain.jsonl"] == packed["zst.jsonl.zst"]
+
+    # the same documents as a Parquet file of many row groups, read in row-group pieces by parallel tasks
+    texts = [json.loads(line)["text"] for line in raw.decode().splitlines() if line.strip().startswith('{"')]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "rows.parquet", row_group_size=2)
+    assert pq.ParquetFile(tmp_path / "rows.parquet").metadata.num_row_groups >= 10
+    data = prepare_stage_data(pretrain_stage(str(tmp_path / "rows.parquet"), fmt="parquet"), tokenizer_dir,
+                              str(tmp_path / "out-parquet"))
+    assert data.report["bad_records"] == 0 and data.report["documents_in"] == len(texts)
+    assert (data.report["tokens_in"], pq.read_table(data.train_uri).column("input_ids").to_pylist()) == packed[
+        "plain.jsonl"]
 
     (tmp_path / "texts").mkdir()
     names = sorted(n for n in os.listdir(f"{STDLIB}/json") if n.endswith(".py"))

@@ -85,6 +85,31 @@ def test_compressed_sources_read_like_plain_ones_and_damage_is_reported(tmp_path
     assert [r.text for r in got] == [doc] and not bad
 
 
+def test_a_parquet_file_cut_in_row_group_runs_yields_every_row_once(tmp_path):
+    names = sorted(n for n in os.listdir(f"{STDLIB}/email") if n.endswith(".py"))[:40]
+    texts = [open(f"{STDLIB}/email/{n}").read() for n in names]
+    texts[7] = "   "  # a bad row: its origin must name row 7 of the file, whichever piece reads it
+    path = str(tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=2)
+    size = os.path.getsize(path)
+    src = SourceConfig(name="a", path=path, format="parquet")
+    groups = pq.ParquetFile(path).metadata.num_row_groups
+    whole = cut_pieces(src, [path], {path: size}, size)
+    pieces = cut_pieces(src, [path], {path: size}, size // 6)
+    assert len(whole) == 1 and 5 <= len(pieces) < groups, pieces
+    assert pieces[0].start == 0 and pieces[-1].end == groups
+    assert all(a.end == b.start for a, b in zip(pieces, pieces[1:]))  # runs of row groups, none skipped
+    assert all((p.size <= size // 6 or p.end - p.start == 1) and p.file_size == size for p in pieces)
+    for cut in (whole, pieces):
+        got, bad = records(cut, src)
+        assert [r.text for r in got] == texts[:7] + texts[8:]
+        assert [r.origin for r in got] == [f"{path}#{i}" for i in range(len(texts)) if i != 7]
+        assert [(b.origin, b.reason) for b in bad] == [(f"{path}#7", "empty document")]
+    # a missing column is one bad record for the file, not one per piece
+    _, bad = records(pieces, SourceConfig(name="a", path=path, format="parquet", text_field="body"))
+    assert [(b.origin, b.reason) for b in bad] == [(path, "missing column 'body'")]
+
+
 def test_pieces_interleave_by_weight_from_the_first_piece():
     pieces = {"a": [Piece("a", f"a{i}", size=100) for i in range(300)],
               "b": [Piece("b", f"b{i}", size=300) for i in range(100)]}

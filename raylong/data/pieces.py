@@ -1,8 +1,9 @@
 """What the data stage reads, and in what order.
 
 Every source's files are cut into pieces: byte ranges of an uncompressed JSONL file (a line belongs to the
-piece it starts in, so a multi-GB file is read in parallel, in bounded memory), whole files otherwise (a
-compressed file cannot be entered mid-stream; a text file is one document). The pieces of all sources are
+piece it starts in, so a multi-GB file is read in parallel, in bounded memory), runs of row groups of a large
+Parquet file, whole files otherwise (a compressed file cannot be entered mid-stream; a text file is one
+document). The pieces of all sources are
 then interleaved by weight, so the tokenized stream carries every source close to its share from its first
 sequence on, instead of one corpus and then the next.
 
@@ -32,8 +33,8 @@ LINE_NUMBERS_UP_TO = MAX_PIECE_BYTES  # counting lines further would read a larg
 class Piece:
     source: str
     path: str
-    start: int = 0  # the lines that start in [start, end) of an uncompressed JSONL file
-    end: int = -1  # -1: to the end of the file
+    start: int = 0  # the lines that start in bytes [start, end) of an uncompressed JSONL file;
+    end: int = -1  # row groups [start, end) of a Parquet file. -1: to the end of the file
     size: int = 0  # for ordering: estimated uncompressed bytes, estimated tokens once planned
     file_size: int = 0  # a bad record in a file up to LINE_NUMBERS_UP_TO bytes is named by line, else by byte
 
@@ -115,12 +116,34 @@ def cut_pieces(source: SourceConfig, files: list[str], sizes: dict[str, int], ma
     pieces = []
     for path in files:
         size = sizes[path]
-        if source.format == "jsonl" and compression(path) is None and size > max_bytes:
+        if source.format == "parquet" and size > max_bytes:
+            pieces += parquet_pieces(source.name, path, size, max_bytes)
+        elif source.format == "jsonl" and compression(path) is None and size > max_bytes:
             pieces += [Piece(source.name, path, s, min(s + max_bytes, size), min(max_bytes, size - s), size)
                        for s in range(0, size, max_bytes)]
         else:
             pieces.append(Piece(source.name, path, size=size * (COMPRESSED_RATIO if compression(path) else 1),
                                 file_size=size))
+    return pieces
+
+
+def parquet_pieces(source: str, path: str, size: int, max_bytes: int) -> list[Piece]:
+    """A Parquet file as runs of whole row groups of about max_bytes (compressed) each, read from its footer;
+    a row group larger than that is a piece of its own."""
+    import pyarrow.parquet as pq
+
+    fs, local = filesystem_and_path(path)
+    meta = pq.ParquetFile(fs.open_input_file(local)).metadata
+    groups = [max(1, sum(g.column(j).total_compressed_size for j in range(g.num_columns)))
+              for g in map(meta.row_group, range(meta.num_row_groups))]
+    pieces, first, run = [], 0, 0
+    for i, nbytes in enumerate(groups):
+        if run and run + nbytes > max_bytes:
+            pieces.append(Piece(source, path, first, i, run, size))
+            first, run = i, 0
+        run += nbytes
+    if run or not pieces:
+        pieces.append(Piece(source, path, first, len(groups), run, size))
     return pieces
 
 
@@ -181,6 +204,9 @@ def read_piece(piece: Piece, source: SourceConfig, sft: bool) -> Iterator[Parsed
     if source.format == "text":
         yield _read_text(piece, source)
         return
+    if source.format == "parquet":
+        yield from _read_parquet(piece, source, sft)
+        return
     out = ParsedFile()
     by_line = compression(piece.path) is not None or piece.file_size <= LINE_NUMBERS_UP_TO
     sep = ":" if by_line else "@"  # file:line, or file@byte in a large file (no line count from its start)
@@ -194,6 +220,35 @@ def read_piece(piece: Piece, source: SourceConfig, sft: bool) -> Iterator[Parsed
     except (OSError, EOFError, ValueError) as exc:  # a damaged archive: what was read before it is kept
         out.bad.append(BadRecord(source.name, piece.path, f"cannot decompress: {exc}"))
     yield out
+
+
+def _read_parquet(piece: Piece, source: SourceConfig, sft: bool) -> Iterator[ParsedFile]:
+    """The rows of the piece's row groups, CHUNK_RECORDS at a time (origin: file#row, counted from the file's
+    first row)."""
+    import pyarrow.parquet as pq
+
+    fs, local = filesystem_and_path(piece.path)
+    file = pq.ParquetFile(fs.open_input_file(local))
+    column = source.messages_field if sft else source.text_field
+    if column not in file.schema_arrow.names:
+        if piece.start == 0:  # reported once per file, by its first piece
+            yield ParsedFile(bad=[BadRecord(source.name, piece.path, f"missing column {column!r}")])
+        return
+    meta = file.metadata
+    end = meta.num_row_groups if piece.end < 0 else piece.end
+    row = sum(meta.row_group(i).num_rows for i in range(piece.start))
+    groups = list(range(piece.start, end))
+    for table in file.iter_batches(batch_size=CHUNK_RECORDS, columns=[column], row_groups=groups) if groups else ():
+        parsed = ParsedFile()
+        for obj in table.to_pylist():
+            origin = f"{piece.path}#{row}"
+            rec, reason = record_from_object(obj, source, origin, sft)
+            if rec is None:
+                parsed.bad.append(BadRecord(source.name, origin, reason))
+            else:
+                parsed.records.append(rec)
+            row += 1
+        yield parsed
 
 
 def _read_text(piece: Piece, source: SourceConfig) -> ParsedFile:

@@ -31,9 +31,8 @@ from raylong.config import DataConfig, SourceConfig, StageConfig, config_hash
 from raylong.data.packing import ConversationPacker, DocumentPacker, PackStats, length_copies
 from raylong.log import get_logger
 from raylong.storage import read_text, write_text
-from raylong.data.pieces import CHUNK_RECORDS, Piece, plan_pieces, read_piece
-from raylong.data.sources import (BadRecord, ParsedFile, SourceFile, filesystem_and_path, record_from_object,
-                                  resolve_source_files)
+from raylong.data.pieces import Piece, plan_pieces, read_piece
+from raylong.data.sources import ParsedFile, SourceFile, filesystem_and_path, resolve_source_files
 
 log = get_logger(__name__)
 
@@ -82,30 +81,8 @@ def _read_pieces(batch: dict[str, np.ndarray], sources: dict[str, SourceConfig],
     for name, path, start, end, file_size in zip(batch["source"], batch["path"], batch["start"], batch["end"],
                                                  batch["file_size"]):
         src, piece = sources[str(name)], Piece(str(name), str(path), int(start), int(end), file_size=int(file_size))
-        for parsed in _parquet_records(piece, src, sft) if src.format == "parquet" else read_piece(piece, src, sft):
+        for parsed in read_piece(piece, src, sft):
             yield _record_rows(parsed)
-
-
-def _parquet_records(piece: Piece, source: SourceConfig, sft: bool) -> Iterator[ParsedFile]:
-    """The rows of one Parquet file of a source, CHUNK_RECORDS at a time (origin: file#row)."""
-    fs, local = filesystem_and_path(piece.path)
-    file = pq.ParquetFile(fs.open_input_file(local))
-    column = source.messages_field if sft else source.text_field
-    if column not in file.schema_arrow.names:
-        yield ParsedFile(bad=[BadRecord(source.name, piece.path, f"missing column {column!r}")])
-        return
-    row = 0
-    for table in file.iter_batches(batch_size=CHUNK_RECORDS, columns=[column]):
-        parsed = ParsedFile()
-        for obj in table.to_pylist():
-            origin = f"{piece.path}#{row}"
-            rec, reason = record_from_object(obj, source, origin, sft)
-            if rec is None:
-                parsed.bad.append(BadRecord(source.name, origin, reason))
-            else:
-                parsed.records.append(rec)
-            row += 1
-        yield parsed
 
 
 def _record_rows(parsed: ParsedFile) -> dict[str, list]:
