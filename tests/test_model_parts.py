@@ -28,6 +28,40 @@ def test_document_spans_from_position_restarts():
     assert document_spans(pos) == [(0, 3), (3, 5), (5, 9)]
 
 
+def test_per_document_attention_gradients_match_each_document_alone_with_one_split_per_input():
+    from raylong.train.attention import doc_causal_attention
+
+    sizes = [5, 17, 1, 40, 9]
+    pos = torch.cat([torch.arange(n) for n in sizes])[None]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, sum(sizes), 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    out, _ = doc_causal_attention(None, q, k, v, None, position_ids=pos)
+    weights = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    # the reference: each document through sdpa on its own copies of q, k, v
+    start, ref = 0, [torch.zeros_like(t) for t in (q, k, v)]
+    for n in sizes:
+        parts = [t[:, :, start : start + n].detach().clone().requires_grad_() for t in (q, k, v)]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            parts[0], *(p.repeat_interleave(2, dim=1) for p in parts[1:]), is_causal=True)
+        (o.transpose(1, 2) * weights[:, start : start + n]).sum().backward()
+        for r, p in zip(ref, parts):
+            r[:, :, start : start + n] = p.grad
+        start += n
+    for got, want in zip(grads, ref):
+        assert torch.allclose(got, want, atol=1e-5)
+    # the backward splits each input once, instead of one sequence-long gradient per document slice
+    seen, stack, names = set(), [out.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack += [n for n, _ in node.next_functions]
+    assert names.count("SplitWithSizesBackward0") == 3 and not any(n.startswith("SliceBackward") for n in names)
+
+
 def per_token_losses(model, ids, pos, labels):
     logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     targets = shift_labels(labels)

@@ -43,13 +43,14 @@ def doc_causal_attention(module, query, key, value, attention_mask, dropout=0.0,
     if query.shape[0] != 1:
         raise ValueError(f"{DOC_CAUSAL} supports micro-batch 1 (packed sequences), got batch {query.shape[0]}")
     key, value = _expand_kv(module, key, value, query)
-    spans = document_spans(position_ids)
-    if len(spans) == 1:
+    sizes = [e - s for s, e in document_spans(position_ids)]
+    if len(sizes) == 1:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
-    else:
+    else:  # one split per tensor: its backward concatenates the documents' gradients once (slicing would
+        # give each document a sequence-long zero-filled gradient to add up: O(documents x L) work)
         out = torch.cat(
-            [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling)
-             for s, e in spans],
+            [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+             for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))],
             dim=2,
         )
     return out.transpose(1, 2).contiguous(), None
