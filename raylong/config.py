@@ -203,11 +203,15 @@ class MemoryConfig(_Strict):
     loss_tile_tokens: int | None = Field(None, ge=1, description="tokens per loss tile (default: 256 MiB of fp32 logits)")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer states (and fp32 grads) on the CPU")
     offload_params: bool = Field(False, description="ZeRO-3 parameters on the CPU")
+    cpu_adam: bool | None = Field(None, description="the offloaded optimizer steps with DeepSpeedCPUAdam (SIMD C++, "
+                                  "built on first use) instead of torch AdamW; default: on GPU stages")
 
     @model_validator(mode="after")
     def _offload_needs_checkpointing(self) -> MemoryConfig:
         if self.offload_checkpoints and not self.activation_checkpointing:
             raise ValueError("memory.offload_checkpoints needs memory.activation_checkpointing: true")
+        if self.cpu_adam and not self.offload_optimizer:
+            raise ValueError("memory.cpu_adam steps an offloaded optimizer: it needs memory.offload_optimizer: true")
         return self
 
 

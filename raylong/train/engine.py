@@ -28,7 +28,7 @@ def deepspeed_config(stage: StageConfig) -> dict[str, Any]:
         "zero_optimization": zero,
         "sequence_parallel_size": p.sp_size,
         "zero_allow_untested_optimizer": True,  # a torch optimizer passed in (AdamW; SGD in tests)
-        "zero_force_ds_cpu_optimizer": False,  # ... also with optimizer offload (no CPU-Adam build)
+        "zero_force_ds_cpu_optimizer": False,  # torch AdamW under offload on CPU stages (see uses_cpu_adam)
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -69,12 +69,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def uses_cpu_adam(stage: StageConfig) -> bool:
+    """DeepSpeedCPUAdam steps the offloaded optimizer on GPU stages (an 8B model's AdamW step in torch on
+    the CPU takes seconds); CPU stages keep torch AdamW (nothing to build) unless memory.cpu_adam says."""
+    mem = stage.memory
+    return mem.offload_optimizer and (mem.cpu_adam if mem.cpu_adam is not None else stage.parallel.use_gpu)
+
+
 def build_engine(model: torch.nn.Module, stage: StageConfig, mpu=None, optimizer_cls=None):
-    """deepspeed.initialize with a torch optimizer (AdamW by default: no CPU-Adam compile) and schedule."""
+    """deepspeed.initialize with AdamW (DeepSpeedCPUAdam when the optimizer is offloaded on GPU, else
+    torch's) over param_groups, and the LR schedule."""
     import deepspeed
 
     o = stage.optim
-    if optimizer_cls is None:
+    if optimizer_cls is None and uses_cpu_adam(stage):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, adamw_mode=True)
+    elif optimizer_cls is None:
         optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
     else:
         optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=o.lr)
