@@ -77,12 +77,11 @@ def _needle_item(tok, hay, rng: random.Random, task: str, length: int, depth: fl
 
     draw = rng.random()  # the item's keys and names, the same however much filler is cut below
     answer = needle_prompt(task, random.Random(draw), "", depth)[2]
-    budget = length - 64 - 2 * len(tok(" " + answer, add_special_tokens=False)["input_ids"])
-    filler = hay.slice(rng, max(8, budget))  # room left for the needles, the question and the template
+    answer_ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    filler = hay.slice(rng, max(8, length - 64 - 2 * len(answer_ids)))  # room for needles, question, template
     while True:  # trim the filler until prompt + answer fit
-        prompt, lead, answer = needle_prompt(task, random.Random(draw), filler, depth)
+        prompt, lead, _ = needle_prompt(task, random.Random(draw), filler, depth)
         ids = _encode_prompt(tok, prompt, lead, chat)
-        answer_ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
         if len(ids) + len(answer_ids) <= length:
             return PasskeyItem(length, depth, ids + answer_ids, len(ids), len(answer_ids), task)
         if not filler:
