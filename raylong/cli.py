@@ -55,6 +55,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         for s in cfg.stages:
             print(f"{s.name}: {s.kind} seq_len={s.seq_len} SP={s.parallel.sp_size} x DP={s.data_parallel_size} "
                   f"ZeRO-{s.parallel.zero_stage} steps={s.optim.steps} tokens/step={s.tokens_per_step}")
+        from raylong.plan import sp_span_warnings
+
+        for warning in sp_span_warnings(cfg):
+            print(f"warning: {warning}")
         print(f"{args.recipe}: valid ({len(cfg.stages)} stages)")
         return 0
     if args.command == "sweep":

@@ -221,6 +221,8 @@ class ParallelConfig(_Strict):
     gpu: Literal["H100-80GB", "H200-141GB", "A100-80GB", "A100-40GB", "L40S-48GB"] = Field(
         "H100-80GB", description="GPU model the planner sizes for (see raylong/plan.py)")
     sp_size: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=1, description="GPUs on one node of the stage's node type: an SP group larger "
+                               "than that crosses the network every layer (the planner warns)")
     zero_stage: Literal[1, 2, 3] = 3
     cpus_per_worker: float = Field(1.0, gt=0)
 

@@ -100,18 +100,20 @@ def static_bytes(m: ModelShape, num_gpus: int, mem: MemoryConfig) -> dict[str, f
     }
 
 
-def bytes_per_local_token(m: ModelShape, sp_size: int, mem: MemoryConfig) -> dict[str, float]:
-    h, kv, i = m.hidden, m.kv_dim, m.intermediate
+def bytes_per_local_token(m: ModelShape, sp_size: int, mem: MemoryConfig, dtype_bytes: int = 2) -> dict[str, float]:
+    """Per local token, by component; activations in `dtype_bytes` (2: bf16 on GPU; 4: the fp32 CPU runs
+    that bench/plan_vs_measured.py compares with), the loss's upcast and gradient in fp32."""
+    h, kv, i, b = m.hidden, m.kv_dim, m.intermediate, dtype_bytes
     attn_part, mlp_part = 9 * h + 3 * kv, 4 * i
-    layer_saved = 2 * (attn_part + (0 if mem.tiled_mlp else mlp_part))
+    layer_saved = b * (attn_part + (0 if mem.tiled_mlp else mlp_part))
     out = {}
     if mem.activation_checkpointing:
-        out["checkpoints"] = (2 if mem.offload_checkpoints else m.layers) * h * 2
+        out["checkpoints"] = (2 if mem.offload_checkpoints else m.layers) * h * b
         out["recompute"] = 1.5 * layer_saved
     else:
         out["activations"] = m.layers * layer_saved
-    out["all_to_all"] = 2 * (h + 2 * kv) * 2 if sp_size > 1 else 0.0
-    out["logits_loss"] = 0.0 if mem.tiled_loss else 10 * m.vocab
+    out["all_to_all"] = 2 * (h + 2 * kv) * b if sp_size > 1 else 0.0
+    out["logits_loss"] = 0.0 if mem.tiled_loss else (b + 8) * m.vocab
     return out
 
 
@@ -220,6 +222,20 @@ def check_pipeline_fits(cfg: PipelineConfig) -> list[Plan]:
     return plans
 
 
+def sp_span_warnings(cfg: PipelineConfig) -> list[str]:
+    """GPU stages whose SP group is larger than a node: Ulysses' all-to-all (every layer, forward and
+    backward) then crosses the network instead of NVLink. Allowed, but worth knowing."""
+    out = []
+    for stage in cfg.stages:
+        p = stage.parallel
+        if p.use_gpu and p.sp_size > p.gpus_per_node:
+            out.append(f"stage {stage.name!r}: an SP group of {p.sp_size} GPUs spans {math.ceil(p.sp_size / p.gpus_per_node)} "
+                       f"nodes of {p.gpus_per_node} (parallel.gpus_per_node): every layer's all-to-all crosses the "
+                       f"network; SP {p.gpus_per_node} with more DP keeps it inside a node if memory allows "
+                       f"(`raylong plan` gives the smallest SP that fits)")
+    return out
+
+
 def format_plans(cfg: PipelineConfig, mfu: float = 0.4) -> str:
     m = stage_model_shape(cfg)
     lines = [f"model: {m.params / 1e9:.2f}B params, {m.layers} layers, hidden {m.hidden}, vocab {m.vocab}; "
@@ -241,4 +257,5 @@ def format_plans(cfg: PipelineConfig, mfu: float = 0.4) -> str:
         )
         if not plan.fits:
             lines.append(f"    fix: {fix_advice(m, stage, plan)}")
+    lines += [f"warning: {w}" for w in sp_span_warnings(cfg)]
     return "\n".join(lines)

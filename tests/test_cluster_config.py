@@ -21,6 +21,11 @@ def test_cluster_yaml_is_valid():
     types = prepared["available_node_types"]
     assert types["head"]["resources"] == {"CPU": 0}
     assert types["gpu_h100x8"]["resources"]["GPU"] == 8
+    # the planner's GPUs per node (which decides whether an SP group crosses nodes) is this node type's
+    from raylong.config import load_recipe
+
+    recipe = load_recipe("jobs/recipes/llama31_8b_1m.yaml")
+    assert {s.parallel.gpus_per_node for s in recipe.stages if s.parallel.use_gpu} == {8}
     assert types["gpu_h100x8"]["min_workers"] == 0 and types["cpu_data"]["min_workers"] == 0
     assert any("[gpu]" in c for c in prepared["setup_commands"])
 

@@ -46,6 +46,24 @@ def test_seed_recipe_fits_its_cluster_and_plan_prints_every_stage():
     assert text.count("-> fits") == 6
 
 
+def test_sp_groups_larger_than_a_node_are_named_by_plan(capsys):
+    from raylong.cli import main
+
+    cfg = load_recipe("jobs/recipes/llama31_8b_1m.yaml")
+    spanning = [s.name for s in cfg.stages if s.parallel.sp_size > 8]
+    assert spanning == ["cp_1m", "sft_1m"]  # SP 16 on nodes of 8 GPUs
+    assert main(["plan", "jobs/recipes/llama31_8b_1m.yaml"]) == 0  # `validate` and `run` say the same
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert [w.split("'")[1] for w in warnings] == spanning, warnings
+    assert "an SP group of 16 GPUs spans 2 nodes of 8 (parallel.gpus_per_node)" in warnings[0]
+    # on nodes of 16 GPUs nothing spans
+    with open("jobs/recipes/llama31_8b_1m.yaml") as f:
+        raw = yaml.safe_load(f)
+    for stage in raw["stages"]:
+        stage["parallel"]["gpus_per_node"] = 16
+    assert "warning:" not in format_plans(PipelineConfig.model_validate(raw))
+
+
 def test_stage_that_does_not_fit_is_refused_with_the_fix():
     with open("jobs/recipes/llama31_8b_1m.yaml") as f:
         raw = yaml.safe_load(f)

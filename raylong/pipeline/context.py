@@ -93,8 +93,11 @@ class PipelineContext:
              check_plan: bool = True) -> PipelineContext:
         """Every cluster-free check, then the storage layout and the MLflow store; nothing started."""
         from raylong.pipeline.preflight import preflight
+        from raylong.plan import sp_span_warnings
 
         preflight(cfg, check_plan)
+        for warning in sp_span_warnings(cfg):
+            log.warning(warning)
         paths = PipelinePaths(cfg.storage_path, pipeline_id)
         tracking_uri = tracking_uri or default_tracking_uri(paths.storage)
         # a local SQLite store keeps artifacts beside it; a tracking server decides (and proxies) its own
