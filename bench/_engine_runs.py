@@ -72,11 +72,22 @@ def _rank(rank, world, port, threads, model_dir, seq_len, steps, memory, out):
     dist.destroy_process_group()
 
 
-def run(model_dir: str, world: int, seq_len: int, steps: int = 1, memory: dict | None = None, cores: int = 2) -> dict:
-    """Mean step time and per-rank peak RSS. `cores` threads are split evenly over the ranks."""
+def run(model_dir: str, world: int, seq_len: int, steps: int = 1, memory: dict | None = None, cores: int = 2,
+        env: dict[str, str] | None = None) -> dict:
+    """Mean step time and per-rank peak RSS. `cores` threads are split evenly over the ranks; `env` is set
+    for the rank processes only (read when they start: e.g. glibc's MALLOC_* tunables)."""
     out = tempfile.mkdtemp(prefix="raylong-bench-")
-    mp.start_processes(_rank, args=(world, _free_port(), max(1, cores // world), model_dir, seq_len, steps,
-                                    memory or {}, out), nprocs=world, join=True, start_method="spawn")
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        mp.start_processes(_rank, args=(world, _free_port(), max(1, cores // world), model_dir, seq_len, steps,
+                                        memory or {}, out), nprocs=world, join=True, start_method="spawn")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
     times = ranks[0]["step_times"]
     return {"step_s": sum(times) / len(times), "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks)}
