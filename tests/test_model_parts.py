@@ -200,3 +200,47 @@ def test_gpu_stages_accumulate_and_reduce_gradients_in_fp32():
         assert ds.communication_data_type == torch.float32 and ds.seq_parallel_communication_data_type == torch.float32
     cpu = DeepSpeedConfig(deepspeed_config(stage(False, 3)))
     assert not cpu.bfloat16_config.enabled and cpu.grad_accum_dtype is None  # fp32 throughout on CPU
+
+
+def _layer_calls_worker(rank: int, port: int, model_dir: str, out: str) -> None:
+    from tests.conftest import gloo_exit, gloo_init
+
+    gloo_init(rank, 1, port)
+    from raylong.train.step import build_stage_engine, micro_step
+
+    calls = {}
+    for checkpointing in (False, True):
+        st = stage(seq_len=64).model_copy(update={"memory": stage().memory.model_copy(
+            update={"activation_checkpointing": checkpointing})})
+        se = build_stage_engine(st, model_dir)
+        mlp_class = type(se.engine.module.model.layers[0].mlp)
+        forward, seen = mlp_class.forward, []
+
+        def counted(self, *args, **kwargs):  # the recomputation calls forward, not the module (no hooks)
+            seen.append(1)
+            return forward(self, *args, **kwargs)
+
+        mlp_class.forward = counted
+        ids = torch.arange(3, 67)[None]
+        micro_step(se, {"input_ids": ids, "position_ids": torch.arange(64)[None], "labels": ids.clone()})
+        mlp_class.forward = forward
+        calls[checkpointing] = (se.engine.module.training, len(seen))
+    torch.save(calls, out)
+    gloo_exit()
+
+
+def test_a_built_stage_engine_trains_and_checkpointing_recomputes_each_layer(tiny_model_dir, tmp_path):
+    """from_pretrained returns eval mode, where transformers skips activation checkpointing: the engine
+    must come out of build_stage_engine training, or the memory switch does nothing."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    out = str(tmp_path / "calls.pt")
+    mp.start_processes(_layer_calls_worker, args=(free_port(), tiny_model_dir, out), nprocs=1, join=True,
+                       start_method="spawn")
+    calls = torch.load(out)
+    layers = 2  # the tiny model's
+    assert calls[False] == (True, layers)  # one forward per layer
+    assert calls[True] == (True, 2 * layers)  # the forward, and its recomputation in the backward
+

@@ -72,6 +72,7 @@ def build_stage_engine(stage: StageConfig, init_dir: str, optimizer_cls=None) ->
         micro_batch_size=stage.optim.micro_batch_size, seq_length=stage.seq_len, seq_length_is_variable=True,
     )
     engine, _, scheduler = build_engine(model, stage, mpu, optimizer_cls)
+    engine.train()  # from_pretrained returns eval mode, in which transformers skips activation checkpointing
     sp_group = mpu.get_sequence_parallel_group() if mpu else None
     sp_rank = mpu.get_sequence_parallel_rank() if mpu else 0
     return StageEngine(stage, engine, scheduler, attn, device, sp_group, sp_rank,

@@ -100,7 +100,6 @@ class StageWorker:
                      "micro-batches/epoch=%d", stage.name, stage.kind, stage.seq_len, p.sp_size,
                      stage.data_parallel_size, p.zero_stage, self.se.attn, stage.rope.to_hf(), stage.tokens_per_step,
                      stage.optim.steps, self.start_step, len(self.loader))
-        self.se.engine.train()
 
     def before_step(self, step: int) -> None:
         """Called before every step; nothing in production (tests inject faults here)."""
