@@ -37,7 +37,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank, world, port, threads, model_dir, seq_len, steps, memory, out):
+def _rank(rank, world, port, threads, model_dir, seq_len, steps, memory, out, evaluate=False):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -57,12 +57,18 @@ def _rank(rank, world, port, threads, model_dir, seq_len, steps, memory, out):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, MODEL["vocab_size"], (1, seq_len), generator=g)
     batch = {"input_ids": ids, "position_ids": torch.arange(seq_len)[None], "labels": ids.clone()}
+    if evaluate:  # the evaluation's forward (raylong/eval/run.py) over the same sequence instead of a step
+        from raylong.eval.run import sharded_forward
+
+        se.engine.eval()
+        forward = sharded_forward(se)
+        arrays = [t[0].numpy() for t in (batch["input_ids"], batch["position_ids"], batch["labels"])]
     times = []
     for _ in range(steps + 1):  # the first step warms up
-        shard = next(iter(se.shard([dict(batch)])))
+        shard = None if evaluate else next(iter(se.shard([dict(batch)])))
         dist.barrier()
         t0 = time.perf_counter()
-        micro_step(se, shard)
+        forward(*arrays) if evaluate else micro_step(se, shard)
         dist.barrier()
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -73,15 +79,16 @@ def _rank(rank, world, port, threads, model_dir, seq_len, steps, memory, out):
 
 
 def run(model_dir: str, world: int, seq_len: int, steps: int = 1, memory: dict | None = None, cores: int = 2,
-        env: dict[str, str] | None = None) -> dict:
+        env: dict[str, str] | None = None, evaluate: bool = False) -> dict:
     """Mean step time and per-rank peak RSS. `cores` threads are split evenly over the ranks; `env` is set
-    for the rank processes only (read when they start: e.g. glibc's MALLOC_* tunables)."""
+    for the rank processes only (read when they start: e.g. glibc's MALLOC_* tunables); `evaluate`: the
+    evaluation's forward instead of a training step."""
     out = tempfile.mkdtemp(prefix="raylong-bench-")
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     try:
         mp.start_processes(_rank, args=(world, _free_port(), max(1, cores // world), model_dir, seq_len, steps,
-                                        memory or {}, out), nprocs=world, join=True, start_method="spawn")
+                                        memory or {}, out, evaluate), nprocs=world, join=True, start_method="spawn")
     finally:
         for k, v in saved.items():
             if v is None:
