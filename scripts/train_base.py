@@ -7,9 +7,11 @@ mixed in, as pretraining corpora mix in synthetic retrieval data; sequence lengt
 Logs the passkey exact match at 256, 1x and 2x the native length every --eval-every steps and writes the
 model, its tokenizer and TRAINING.json (arguments, curve, final accuracies at 256..8x).
 
-Status (2026-11-29): no configuration tried has reached retrieval yet; see docs/tiny_base.md.
+Status (2026-11-29): the best run so far (docs/tiny_base.md, run g) retrieves 1 key in 3 at 256 tokens and
+1 in 4 at 1K, far from reliable:
 
-    python scripts/train_base.py --out /tmp/tiny_base --steps 1500
+    python scripts/train_base.py --out /tmp/tiny_base --steps 3000 --hidden 128 --passkey-share 0.7 \
+        --answer-only-loss --curriculum 128,256,512,1024 --tokens-per-step 4096 --lr 1e-3 --threads 1
 """
 
 from __future__ import annotations
@@ -35,20 +37,41 @@ log = logging.getLogger("raylong.base")
 STDLIB = sysconfig.get_paths()["stdlib"]
 
 
-def documents(tok, hay: Haystack, rng: random.Random, seq_len: int, passkey_share: float) -> np.ndarray:
-    """One training sequence of seq_len+1 tokens: stdlib text, or a passkey prompt and its answer."""
+def documents(tok, hay: Haystack, rng: random.Random, seq_len: int, passkey_share: float,
+              answer_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One training sequence of seq_len+1 tokens and its labels: stdlib text, or a passkey prompt and its
+    answer, tokenized as the evaluation does (prompt and lead, then " KEY"). `answer_only`: a passkey
+    document's loss is on its answer alone (the whole signal goes to retrieval)."""
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    out: list[int] = []
-    while len(out) < seq_len + 1:
-        room = seq_len + 1 - len(out)
+    ids: list[int] = []
+    labels: list[int] = []
+    while len(ids) < seq_len + 1:
+        room = seq_len + 1 - len(ids)
         if rng.random() < passkey_share and room > 96:
             key = str(rng.randrange(10_000, 100_000))
             filler = hay.slice(rng, rng.randrange(16, room - 64))
-            text = passkey_prompt(filler, key, rng.random()) + f"\nThe pass key is {key}."
+            prompt = [bos] + tok(passkey_prompt(filler, key, rng.random()) + "\nThe pass key is",
+                                 add_special_tokens=False)["input_ids"]
+            answer = tok(f" {key}", add_special_tokens=False)["input_ids"] + [eos]
+            ids += prompt + answer
+            labels += ([-100] * len(prompt) if answer_only else prompt) + answer
         else:
-            text = hay.slice(rng, room)
-        out += [bos] + tok(text, add_special_tokens=False)["input_ids"] + [eos]
-    return np.asarray(out[: seq_len + 1], dtype=np.int64)
+            doc = [bos] + tok(hay.slice(rng, room), add_special_tokens=False)["input_ids"] + [eos]
+            ids += doc
+            labels += doc
+    return np.asarray(ids[: seq_len + 1], dtype=np.int64), np.asarray(labels[: seq_len + 1], dtype=np.int64)
+
+
+def copy_sequence(alphabet: list[int], rng: random.Random, seq_len: int) -> np.ndarray:
+    """Random segments over a small alphabet (the digits and a few words), each written twice: only a copy
+    (induction) head predicts the second copy. A warm-up on these seeds the head that passkey retrieval
+    needs before the corpus takes over."""
+    out: list[int] = []
+    while len(out) < seq_len + 1:
+        seg = [rng.choice(alphabet) for _ in range(rng.randrange(8, 48))]
+        out += seg + seg
+    seq = np.asarray(out[: seq_len + 1], dtype=np.int64)
+    return seq, seq
 
 
 def passkey_accuracy(model, items) -> float:
@@ -76,9 +99,17 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--copy-warmup", type=int, default=0,
+                    help="first steps on repeated random segments (256 tokens), to seed a copy head")
+    ap.add_argument("--answer-only-loss", action="store_true",
+                    help="a passkey document's loss on its answer only (the corpus documents keep theirs)")
+    ap.add_argument("--init", default=None, help="continue from this model (an earlier run's --out)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok_dir = os.path.join(args.out, "tokenizer")
@@ -92,7 +123,7 @@ def main() -> None:
                       max_position_embeddings=args.seq_len, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM.from_pretrained(args.init) if args.init else LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = 50
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -100,14 +131,20 @@ def main() -> None:
     rng = random.Random(args.seed)
     evals = {n: build_passkey_items(tok, hay, [n], [0.1, 0.5, 0.9], 4, chat=False, seed=1000 + n)
              for n in (256, args.seq_len, 2 * args.seq_len, 4 * args.seq_len, 8 * args.seq_len)}
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    alphabet = digits + random.Random(args.seed).sample(range(8, len(tok)), 54)
     curve = []
     t0, tokens = time.time(), 0
     lengths = [int(n) for n in args.curriculum.split(",")]
     for step in range(1, args.steps + 1):
-        seq_len = lengths[min(len(lengths) - 1, (step - 1) * len(lengths) // args.steps)]
-        batch = torch.as_tensor(np.stack([documents(tok, hay, rng, seq_len, args.passkey_share)
-                                          for _ in range(max(1, args.tokens_per_step // seq_len))]))
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        warming = step <= args.copy_warmup
+        seq_len = 256 if warming else lengths[min(len(lengths) - 1, (step - 1) * len(lengths) // args.steps)]
+        draw = (lambda: copy_sequence(alphabet, rng, seq_len)) if warming else (
+            lambda: documents(tok, hay, rng, seq_len, args.passkey_share, args.answer_only_loss))
+        rows = [draw() for _ in range(max(1, args.tokens_per_step // seq_len))]
+        batch = torch.as_tensor(np.stack([r[0] for r in rows]))
+        labels = torch.as_tensor(np.stack([r[1] for r in rows]))
+        loss = model(input_ids=batch[:, :-1], labels=labels[:, :-1]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad()
