@@ -20,6 +20,9 @@ MODEL = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "n
 # vocabulary; with this model's 4K vocabulary the default tile would span the whole sequence.
 ALST = {"activation_checkpointing": True, "offload_checkpoints": True, "tiled_mlp": True, "tiled_loss": True,
         "loss_tile_tokens": 512}
+# glibc's mmap threshold fixed at 64 KiB in the ranks: every tensor of 64 KiB or more is its own mapping, returned
+# when freed, so peak RSS follows the live tensors instead of the heap glibc keeps (bench/sp_memory.py)
+MMAP_EVERY_TENSOR = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
 
 
 def make_model_dir() -> str:

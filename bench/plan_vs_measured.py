@@ -17,8 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _engine_runs import ALST, MODEL, make_model_dir, run, slope  # noqa: E402
-from sp_memory import MMAP_EVERY_TENSOR  # noqa: E402
+from _engine_runs import ALST, MMAP_EVERY_TENSOR, MODEL, make_model_dir, run, slope  # noqa: E402
 
 SWITCH_SETS = {  # name: (sp, memory switches)
     "plain_sp1": (1, {}),

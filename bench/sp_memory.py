@@ -19,9 +19,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _engine_runs import ALST, make_model_dir, run, slope  # noqa: E402
-
-MMAP_EVERY_TENSOR = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+from _engine_runs import ALST, MMAP_EVERY_TENSOR, make_model_dir, run, slope  # noqa: E402
 
 
 def spread(values: list[float]) -> float:
