@@ -222,3 +222,26 @@ def test_sources_are_mixed_by_weight_in_every_quarter_of_the_training_order(ray_
         q = len(order) // 4
         shares = [digit_share(order[i * q : (i + 1) * q]) for i in range(4)]
         assert all(abs(s - overall) < 0.35 * overall for s in shares), (overall, shares)
+
+
+def test_a_source_short_of_its_share_does_not_keep_the_others_reading(ray_cluster, tokenizer_dir, tmp_path):
+    """Weights 1:1 and a budget the small source cannot fill: once the large source has its share and the
+    small one is read to its end, the stream stops (it used to read the large source to its end, turning
+    every further record away); the packed tokens are the same either way."""
+    big = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"}) for i in range(3000)]
+    small = [json.dumps({"text": f"class C{i}:\n    value = {i}\n"}) for i in range(20)]
+    (tmp_path / "big.jsonl").write_text("\n".join(big) + "\n")
+    (tmp_path / "small.jsonl").write_text("\n".join(small) + "\n")
+    stage = StageConfig.model_validate({
+        "name": "short", "kind": "pretrain", "seq_len": 128,
+        "data": {"sources": [{"name": "big", "path": str(tmp_path / "big.jsonl"), "format": "jsonl"},
+                             {"name": "small", "path": str(tmp_path / "small.jsonl"), "format": "jsonl"}],
+                 "token_budget": 4000, "heldout_fraction": 0.0},
+        "optim": {"steps": 1}, "parallel": {"num_workers": 2, "sp_size": 2},
+    })
+    report = prepare_stage_data(stage, tokenizer_dir, str(tmp_path / "out")).report
+    per = report["per_source"]
+    assert per["small"]["documents"] == 20 and per["small"]["documents_over_budget"] == 0  # all of it, short
+    assert 2000 <= per["big"]["tokens_in"] < 2000 + 40  # its share, to within one document
+    assert report["records"] < 600, report["records"]  # of 3020: reading stopped once nothing was left to gain
+    assert report["tokens_in"] == report["tokens_packed"] + report["tokens_dropped"]

@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from raylong.config import SourceConfig
-from raylong.data.pieces import Piece, cut_pieces, interleave, plan_pieces, read_piece
+from raylong.data.pieces import Piece, cut_pieces, interleave, plan_pieces, read_piece, read_tasks
 from raylong.data.sources import resolve_source_files
 from raylong.data.sources import parse_file
 from tests.conftest import STDLIB
@@ -122,6 +122,32 @@ def test_pieces_interleave_by_weight_from_the_first_piece():
     for i, p in enumerate(order[:330]):  # "a" runs out at 333
         taken[p.source] += p.size
         assert abs(taken["a"] - 0.75 * (taken["a"] + taken["b"])) <= 300, (i, taken)
+
+
+def test_read_tasks_group_consecutive_pieces_and_keep_the_order():
+    sizes = [10] * 50 + [400] + [10] * 49 + [150, 150]  # a large piece, and two that exceed a share together
+    pieces = [Piece("a" if i % 3 else "b", f"f{i}", size=s) for i, s in enumerate(sizes)]
+    tasks = read_tasks(pieces, 8)  # share: 1690 / 8 = 211 estimated tokens per task
+    assert [p for t in tasks for p in t] == pieces  # every piece once, in the plan's order
+    assert [pieces[50]] in tasks  # larger than a share: a task of its own
+    assert all(sum(p.size for p in t) <= 211 for t in tasks if len(t) > 1)
+    assert 8 <= len(tasks) <= 10, [len(t) for t in tasks]
+    assert read_tasks(pieces, 1000) == [[p] for p in pieces]  # more tasks than pieces: one piece each
+
+
+def test_document_encoder_without_transformers_encodes_as_the_tokenizer_does(tokenizer_dir):
+    """Tokenizer actors encode documents with the fast tokenizer's backend alone (no transformers import):
+    the same ids as the transformers tokenizer, BOS/EOS included, on real text with unicode and blank lines."""
+    from raylong.data.tokenize import DocumentEncoder, encode_documents, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    texts = [open(f"{STDLIB}/{n}", encoding="utf-8").read() for n in ("textwrap.py", "string.py", "locale.py")]
+    texts += ["naïve café — 東京\n\n  tabs\tand trailing  ", "x"]
+    for separator in ("eos", "none"):
+        encoder = DocumentEncoder.of(tok, separator)
+        got, want = encoder.encode(encoder.load(), texts), encode_documents(tok, texts, separator)
+        assert [g.tolist() for g in got] == [w.tolist() for w in want]
+        assert got[-1][0] == tok.bos_token_id and (got[-1][-1] == tok.eos_token_id) == (separator == "eos")
 
 
 def test_one_file_sources_are_cut_finely_enough_to_mix(tmp_path, tokenizer_dir):

@@ -165,6 +165,22 @@ def interleave(pieces: dict[str, list[Piece]], weights: dict[str, float]) -> lis
         out.append(piece)
 
 
+def read_tasks(pieces: list[Piece], tasks: int) -> list[list[Piece]]:
+    """Consecutive pieces grouped into about `tasks` read tasks of similar estimated tokens (a piece larger
+    than a task's share is a task of its own). The stream's order is the pieces' order either way; grouping
+    only spares Ray Data a task and a block per small file (a text corpus is thousands of them)."""
+    share = sum(p.size for p in pieces) / max(1, tasks)
+    out: list[list[Piece]] = []
+    run = 0
+    for piece in pieces:
+        if not out or run + piece.size > share:
+            out.append([])
+            run = 0
+        out[-1].append(piece)
+        run += piece.size
+    return out
+
+
 def _open_lines(path: str, start: int, end: int, by_line: bool = True) -> Iterator[tuple[int, bytes]]:
     """(position, line) of the lines of a file that start in [start, end): the position is the line
     number (`by_line`: the newlines before `start` are counted first), else the line's byte offset."""

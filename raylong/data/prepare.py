@@ -31,16 +31,19 @@ from raylong.config import DataConfig, SourceConfig, StageConfig, config_hash
 from raylong.data.packing import ConversationPacker, DocumentPacker, PackStats, length_copies
 from raylong.log import get_logger
 from raylong.storage import read_text, write_text
-from raylong.data.pieces import Piece, plan_pieces, read_piece
+from raylong.data.pieces import CHUNK_RECORDS, Piece, plan_pieces, read_piece, read_tasks
 from raylong.data.sources import ParsedFile, SourceFile, filesystem_and_path, resolve_source_files
+from raylong.data.tokenize import DocumentEncoder
 
 log = get_logger(__name__)
 
 COMPLETE = "_COMPLETE.json"
+READ_TASKS_PER_ACTOR = 32  # read tasks per tokenizer actor: enough to balance, few enough to spare per-task cost
 TRAIN_FILE, HELDOUT_FILE = "train.parquet", "heldout.parquet"
 TOKENS_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
+        ("piece", pa.int32()),  # the piece's place in the plan: a source is exhausted once the stream passes its last
         ("origin", pa.string()),
         ("tokens", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
@@ -77,34 +80,49 @@ class PreparedData:
 
 # ------------------------------------------------------------------------------ Ray Data workers
 def _read_pieces(batch: dict[str, np.ndarray], sources: dict[str, SourceConfig], sft: bool) -> Iterator[dict[str, list]]:
-    """Ray Data task fn: pieces (source, path, byte range) -> blocks of records / bad records."""
-    for name, path, start, end, file_size in zip(batch["source"], batch["path"], batch["start"], batch["end"],
-                                                 batch["file_size"]):
-        src, piece = sources[str(name)], Piece(str(name), str(path), int(start), int(end), file_size=int(file_size))
-        for parsed in read_piece(piece, src, sft):
-            yield _record_rows(parsed)
+    """Ray Data task fn: read tasks (each a JSON list of pieces) -> blocks of about CHUNK_RECORDS records and
+    bad records, in piece order (the small files of a task share blocks)."""
+    rows = _empty_rows()
+    for task in batch["pieces"]:
+        for row in json.loads(str(task)):
+            index = row.pop("index")
+            src, piece = sources[row["source"]], Piece(**row)
+            for parsed in read_piece(piece, src, sft):
+                _add_rows(rows, parsed, index)
+                if len(rows["source"]) >= CHUNK_RECORDS:
+                    yield rows
+                    rows = _empty_rows()
+    if rows["source"]:
+        yield rows
 
 
-def _record_rows(parsed: ParsedFile) -> dict[str, list]:
-    rows: dict[str, list] = {"source": [], "origin": [], "text": [], "messages": [], "error": []}
+def _empty_rows() -> dict[str, list]:
+    return {"source": [], "piece": [], "origin": [], "text": [], "messages": [], "error": []}
+
+
+def _add_rows(rows: dict[str, list], parsed: ParsedFile, piece: int) -> None:
     for r in parsed.records:
-        for k, v in (("source", r.source), ("origin", r.origin), ("text", r.text or ""),
+        for k, v in (("source", r.source), ("piece", piece), ("origin", r.origin), ("text", r.text or ""),
                      ("messages", json.dumps(r.messages) if r.messages else ""), ("error", "")):
             rows[k].append(v)
     for b in parsed.bad:
-        for k, v in (("source", b.source), ("origin", b.origin), ("text", ""), ("messages", ""), ("error", b.reason)):
+        for k, v in (("source", b.source), ("piece", piece), ("origin", b.origin), ("text", ""), ("messages", ""),
+                     ("error", b.reason)):
             rows[k].append(v)
-    return rows
 
 
 class _Tokenize:
-    """Ray Data actor: loads the tokenizer once, encodes documents or conversations in batches."""
+    """Ray Data actor: builds its tokenizer once (documents: the backend alone, see DocumentEncoder;
+    conversations: the transformers tokenizer and its chat template), encodes records in batches."""
 
-    def __init__(self, tokenizer_dir: str, sft: bool, separator: str):
-        from raylong.data.tokenize import load_tokenizer
+    def __init__(self, tokenizer_dir: str, sft: bool, separator: str, encoder: DocumentEncoder | None):
+        self.sft, self.separator, self.encoder = sft, separator, encoder
+        if encoder is not None and not sft:
+            self.backend = encoder.load()
+        else:
+            from raylong.data.tokenize import load_tokenizer
 
-        self.tok = load_tokenizer(tokenizer_dir)
-        self.sft, self.separator = sft, separator
+            self.tok = load_tokenizer(tokenizer_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from raylong.data.tokenize import encode_conversation, encode_documents
@@ -117,11 +135,15 @@ class _Tokenize:
             for i in ok:
                 tokens[i], labels[i] = encode_conversation(self.tok, json.loads(batch["messages"][i]))
         elif ok:
-            for i, ids in zip(ok, encode_documents(self.tok, [str(batch["text"][i]) for i in ok], self.separator)):
+            texts = [str(batch["text"][i]) for i in ok]
+            encoded = (self.encoder.encode(self.backend, texts) if self.encoder is not None
+                       else encode_documents(self.tok, texts, self.separator))
+            for i, ids in zip(ok, encoded):
                 tokens[i] = ids
         return pa.table(
             {
                 "source": [str(s) for s in batch["source"]],
+                "piece": np.asarray(batch["piece"], dtype=np.int32),
                 "origin": [str(s) for s in batch["origin"]],
                 "tokens": int32_lists(tokens),
                 "labels": int32_lists(labels),
@@ -151,20 +173,24 @@ def tokenizer_pool_size(data: DataConfig) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def tokenized_dataset(pieces: list[Piece], data: DataConfig, tokenizer_dir: str, sft: bool):
-    """Ray Dataset of {source, origin, tokens, labels, error}, in piece order: read + parse (tasks),
-    tokenize (an autoscaling actor pool)."""
+def tokenized_dataset(pieces: list[Piece], data: DataConfig, tokenizer_dir: str, sft: bool,
+                      encoder: DocumentEncoder | None = None):
+    """Ray Dataset of {source, origin, tokens, labels, error}, in piece order: read + parse (tasks of
+    consecutive pieces), tokenize (an autoscaling actor pool; documents through `encoder` when given)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic packing, held-out split and cache
     sources = {s.name: s for s in data.sources}
     pool = tokenizer_pool_size(data)
-    items = ray.data.from_items([p.as_row() for p in pieces], override_num_blocks=min(len(pieces), 8 * pool))
+    index = {id(p): i for i, p in enumerate(pieces)}
+    tasks = read_tasks(pieces, READ_TASKS_PER_ACTOR * pool)
+    rows = [{"pieces": json.dumps([{"index": index[id(p)], **p.as_row()} for p in task])} for task in tasks]
+    items = ray.data.from_items(rows, override_num_blocks=len(rows))
     parsed = items.map_batches(_read_pieces, fn_kwargs={"sources": sources, "sft": sft}, batch_size=1, num_cpus=0.25)
     return parsed.map_batches(
         _Tokenize,
-        fn_constructor_args=(tokenizer_dir, sft, data.separator),
+        fn_constructor_args=(tokenizer_dir, sft, data.separator, encoder),
         batch_size=64,
         num_cpus=0.5,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
@@ -280,22 +306,31 @@ class SplitWriter:
 
 class SourceBudget:
     """Each source's token budget (its weight's share of data.token_budget) and length re-sampling, with
-    what they turned away or added, per source."""
+    what they turned away or added, per source; and when the stream can stop: every source has its share
+    or has no piece left (`last_piece`: each source's last piece in the plan)."""
 
-    def __init__(self, data: DataConfig):
+    def __init__(self, data: DataConfig, last_piece: dict[str, int]):
         self.data = data
         self.weights = {s.name: s.weight for s in data.sources}
         total = sum(self.weights.values())
         self.budget = {n: (data.token_budget * w / total if data.token_budget else float("inf"))
                        for n, w in self.weights.items()}
+        self.last_piece = last_piece
         self.over_budget = {n: 0 for n in self.weights}
         self.resampled = {n: {"skipped_short": 0, "extra_long_copies": 0} for n in self.weights}
 
     def full(self, source: str, stats: PackStats) -> bool:
         return stats.source(source).tokens_in >= self.budget[source]
 
-    def all_full(self, stats: PackStats) -> bool:
-        return all(self.full(n, stats) for n in self.weights)
+    def settled(self, stats: PackStats, piece: int) -> bool:
+        """Nothing left to read once the stream is at `piece`: each source is full or read to its end (a
+        source short of its share no longer keeps the others reading records they would turn away)."""
+        return all(self.full(n, stats) or piece > self.last_piece[n] for n in self.weights)
+
+    def short(self, stats: PackStats) -> dict[str, tuple[int, float]]:
+        """Sources that ran out below their share: {name: (tokens read, budget)}."""
+        return {n: (stats.source(n).tokens_in, b) for n, b in self.budget.items()
+                if b != float("inf") and not self.full(n, stats)}
 
     def copies(self, source: str, n_tokens: int, origin: str) -> int:
         """How many times a document enters the stream (0: skipped as short; > 1: a long one repeated)."""
@@ -353,12 +388,15 @@ def pack_stream(stage: StageConfig, ds, packer, budget: SourceBudget, out: Split
             last_log = time.time()
             log.info("data %s: %d records, %.0f tokens/s", stage.name, counts.records,
                      packer.stats.tokens_in / (last_log - t0))
-        if budget.all_full(packer.stats):
-            break  # every source has its share: stop reading
+        if budget.settled(packer.stats, batch.column("piece")[batch.num_rows - 1].as_py()):
+            break  # every source has its share or is read to its end: stop reading
     out.write(packer.finish())
     out.close()
     counts.seconds = time.time() - t0
     packer.stats.check()
+    for name, (tokens, share) in budget.short(packer.stats).items():
+        log.warning("data %s: source %r ran out at %d tokens of its %d-token share; the mixture is off its weights",
+                    stage.name, name, tokens, share)
     return counts
 
 
@@ -383,11 +421,12 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str) -
     pad_id = tok.pad_token_id
     packer = (ConversationPacker(stage.seq_len, pad_id, data.sft_overlong) if stage.kind == "sft"
               else DocumentPacker(stage.seq_len, pad_id, data.tail_policy))
-    budget = SourceBudget(data)
     out = SplitWriter(fs, local, stage.seq_len, data.heldout_fraction)
     pieces = plan_pieces(data.sources, files, tok, stage.kind == "sft")
-    counts = pack_stream(stage, tokenized_dataset(pieces, data, tokenizer_dir, stage.kind == "sft"), packer, budget,
-                         out)
+    budget = SourceBudget(data, {p.source: i for i, p in enumerate(pieces)})
+    sft = stage.kind == "sft"
+    encoder = None if sft else DocumentEncoder.of(tok, data.separator)
+    counts = pack_stream(stage, tokenized_dataset(pieces, data, tokenizer_dir, sft, encoder), packer, budget, out)
 
     with fs.open_output_stream(f"{local}/bad_records.jsonl") as f:
         f.write("".join(json.dumps(b) + "\n" for b in counts.bad).encode())

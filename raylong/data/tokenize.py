@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,47 @@ def load_tokenizer(path: str):
 def encode_documents(tok, texts: list[str], separator: str = "eos") -> list[np.ndarray]:
     """Each document as BOS + tokens (+ EOS when separator == 'eos')."""
     encoded = tok(texts, add_special_tokens=False)["input_ids"]
+    head, tail = _document_ends(tok, separator)
+    return [np.asarray(head + ids + tail, dtype=np.int32) for ids in encoded]
+
+
+def _document_ends(tok, separator: str) -> tuple[list[int], list[int]]:
     head = [tok.bos_token_id] if tok.bos_token_id is not None else []
     tail = [tok.eos_token_id] if separator == "eos" else []
-    return [np.asarray(head + ids + tail, dtype=np.int32) for ids in encoded]
+    return head, tail
+
+
+@dataclass(frozen=True)
+class DocumentEncoder:
+    """`encode_documents` without transformers: the fast tokenizer's own backend (its JSON, taken from the
+    driver's loaded tokenizer) and the ids around each document. A tokenizer actor builds it in ~0.1 s
+    instead of the ~2.5 s of importing transformers, and it reads no file (the tokenizer may sit on s3)."""
+
+    backend_json: str
+    head: tuple[int, ...]
+    tail: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tok, separator: str = "eos") -> DocumentEncoder | None:
+        """None when `tok` has no `tokenizers` backend (a slow tokenizer): the actor then loads it whole."""
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        head, tail = _document_ends(tok, separator)
+        return cls(backend.to_str(), tuple(head), tuple(tail))
+
+    def load(self):
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(self.backend_json)
+        backend.no_truncation()  # as transformers calls it: whole documents, unpadded
+        backend.no_padding()
+        return backend
+
+    def encode(self, backend, texts: list[str]) -> list[np.ndarray]:
+        head, tail = list(self.head), list(self.tail)
+        return [np.asarray(head + e.ids + tail, dtype=np.int32)
+                for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def encode_conversation(tok, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
