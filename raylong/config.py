@@ -159,7 +159,7 @@ class DataConfig(_Strict):
     error_budget: float = Field(0.001, ge=0, le=1, description="fraction of bad records tolerated")
     seed: int = 0
     shuffle: bool = Field(True, description="train on the packed sequences in a permutation seeded by data.seed")
-    tokenize_actors: int | None = Field(None, ge=1, description="tokenizer actors at most (None: the cluster's CPUs)")
+    tokenize_actors: int | None = Field(None, ge=1, description="tokenizing processes at most (None: the cluster's CPUs)")
 
     @model_validator(mode="after")
     def _unique_sources(self) -> DataConfig:

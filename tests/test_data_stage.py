@@ -245,3 +245,22 @@ def test_a_source_short_of_its_share_does_not_keep_the_others_reading(ray_cluste
     assert 2000 <= per["big"]["tokens_in"] < 2000 + 40  # its share, to within one document
     assert report["records"] < 600, report["records"]  # of 3020: reading stopped once nothing was left to gain
     assert report["tokens_in"] == report["tokens_packed"] + report["tokens_dropped"]
+
+
+def test_documents_encoded_in_read_tasks_equal_the_tokenizer_actor_path(ray_cluster, tokenizer_dir, tmp_path):
+    """Documents are read and encoded in the same task with the tokenizer's backend alone; a tokenizer without
+    one goes through the actor pool and transformers. Both give the same rows, in the same order."""
+    from raylong.data.pieces import plan_pieces
+    from raylong.data.prepare import resolve_sources, tokenized_dataset
+    from raylong.data.tokenize import DocumentEncoder, load_tokenizer
+
+    stage = pretrain_stage(f"{STDLIB}/email/*.py", fmt="text")
+    tok = load_tokenizer(tokenizer_dir)
+    pieces = plan_pieces(stage.data.sources, resolve_sources(stage.data, {}), tok, sft=False)
+    rows = {}
+    for path, encoder in (("tasks", DocumentEncoder.of(tok)), ("actors", None)):
+        ds = tokenized_dataset(pieces, stage.data, tokenizer_dir, False, encoder)
+        rows[path] = [(r["origin"], r["piece"], r["tokens"]) for r in ds.take_all()]
+    assert len(rows["tasks"]) == len(pieces) >= 20  # one document per file
+    assert [(o, p, list(t)) for o, p, t in rows["tasks"]] == [(o, p, list(t)) for o, p, t in rows["actors"]]
+    assert [p for _, p, _ in rows["tasks"]] == sorted(p for _, p, _ in rows["tasks"])  # the plan's order

@@ -145,8 +145,10 @@ def test_document_encoder_without_transformers_encodes_as_the_tokenizer_does(tok
     texts += ["naïve café — 東京\n\n  tabs\tand trailing  ", "x"]
     for separator in ("eos", "none"):
         encoder = DocumentEncoder.of(tok, separator)
-        got, want = encoder.encode(encoder.load(), texts), encode_documents(tok, texts, separator)
-        assert [g.tolist() for g in got] == [w.tolist() for w in want]
+        want = [w.tolist() for w in encode_documents(tok, texts, separator)]
+        for threads in (None, 1):  # batch encoding on all cores; one document at a time on one thread
+            got = encoder.encode(encoder.load(), texts, threads)
+            assert [g.tolist() for g in got] == want
         assert got[-1][0] == tok.bos_token_id and (got[-1][-1] == tok.eos_token_id) == (separator == "eos")
 
 

@@ -24,7 +24,8 @@ from raylong.data.sources import (BadRecord, ParsedFile, SourceFile, filesystem_
 
 MIN_PIECE_BYTES, MAX_PIECE_BYTES = 4 << 10, 64 << 20  # the bounds of a JSONL piece
 COMPRESSED_RATIO = 4  # assumed expansion of .gz / .zst, only to order pieces (weights are in tokens)
-CHUNK_RECORDS = 256  # records per block a read task hands on
+CHUNK_RECORDS = 256  # records per block a read task hands on, at most
+CHUNK_CHARS = 1 << 20  # or about this much text: the first block, and so the first batch, comes early
 SAMPLE_BYTES = 64 << 10  # of a source's first file, to estimate its tokens per byte
 LINE_NUMBERS_UP_TO = MAX_PIECE_BYTES  # counting lines further would read a large file from its start per piece
 

@@ -14,6 +14,7 @@ Output (one directory per stage and cache key):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -31,14 +32,14 @@ from raylong.config import DataConfig, SourceConfig, StageConfig, config_hash
 from raylong.data.packing import ConversationPacker, DocumentPacker, PackStats, length_copies
 from raylong.log import get_logger
 from raylong.storage import read_text, write_text
-from raylong.data.pieces import CHUNK_RECORDS, Piece, plan_pieces, read_piece, read_tasks
+from raylong.data.pieces import CHUNK_CHARS, CHUNK_RECORDS, Piece, plan_pieces, read_piece, read_tasks
 from raylong.data.sources import ParsedFile, SourceFile, filesystem_and_path, resolve_source_files
 from raylong.data.tokenize import DocumentEncoder
 
 log = get_logger(__name__)
 
 COMPLETE = "_COMPLETE.json"
-READ_TASKS_PER_ACTOR = 32  # read tasks per tokenizer actor: enough to balance, few enough to spare per-task cost
+READ_TASKS_PER_PROCESS = 8  # read tasks per tokenizing process: enough to balance, few enough to spare per-task cost
 TRAIN_FILE, HELDOUT_FILE = "train.parquet", "heldout.parquet"
 TOKENS_SCHEMA = pa.schema(
     [
@@ -80,18 +81,18 @@ class PreparedData:
 
 # ------------------------------------------------------------------------------ Ray Data workers
 def _read_pieces(batch: dict[str, np.ndarray], sources: dict[str, SourceConfig], sft: bool) -> Iterator[dict[str, list]]:
-    """Ray Data task fn: read tasks (each a JSON list of pieces) -> blocks of about CHUNK_RECORDS records and
-    bad records, in piece order (the small files of a task share blocks)."""
-    rows = _empty_rows()
+    """Ray Data task fn: read tasks (each a JSON list of pieces) -> blocks of CHUNK_RECORDS records and bad
+    records or CHUNK_CHARS of text, in piece order (the small files of a task share blocks)."""
+    rows, chars = _empty_rows(), 0
     for task in batch["pieces"]:
         for row in json.loads(str(task)):
             index = row.pop("index")
             src, piece = sources[row["source"]], Piece(**row)
             for parsed in read_piece(piece, src, sft):
-                _add_rows(rows, parsed, index)
-                if len(rows["source"]) >= CHUNK_RECORDS:
+                chars += _add_rows(rows, parsed, index)
+                if len(rows["source"]) >= CHUNK_RECORDS or chars >= CHUNK_CHARS:
                     yield rows
-                    rows = _empty_rows()
+                    rows, chars = _empty_rows(), 0
     if rows["source"]:
         yield rows
 
@@ -100,57 +101,82 @@ def _empty_rows() -> dict[str, list]:
     return {"source": [], "piece": [], "origin": [], "text": [], "messages": [], "error": []}
 
 
-def _add_rows(rows: dict[str, list], parsed: ParsedFile, piece: int) -> None:
+def _add_rows(rows: dict[str, list], parsed: ParsedFile, piece: int) -> int:
+    """Appends `parsed` to `rows`; returns the characters of text and messages it added."""
+    chars = 0
     for r in parsed.records:
-        for k, v in (("source", r.source), ("piece", piece), ("origin", r.origin), ("text", r.text or ""),
-                     ("messages", json.dumps(r.messages) if r.messages else ""), ("error", "")):
+        text, messages = r.text or "", json.dumps(r.messages) if r.messages else ""
+        for k, v in (("source", r.source), ("piece", piece), ("origin", r.origin), ("text", text),
+                     ("messages", messages), ("error", "")):
             rows[k].append(v)
+        chars += len(text) + len(messages)
     for b in parsed.bad:
         for k, v in (("source", b.source), ("piece", piece), ("origin", b.origin), ("text", ""), ("messages", ""),
                      ("error", b.reason)):
             rows[k].append(v)
+    return chars
+
+
+def _read_and_encode(batch: dict[str, np.ndarray], sources: dict[str, SourceConfig],
+                     encoder: DocumentEncoder) -> Iterator[pa.Table]:
+    """Ray Data task fn (documents): read tasks -> blocks of tokenized records. A task uses one thread (the
+    cluster's CPUs are the parallelism); the encoder's backend is built once per worker process."""
+    backend = _document_backend(encoder)
+    for rows in _read_pieces(batch, sources, sft=False):
+        n = len(rows["source"])
+        ok = [i for i in range(n) if not rows["error"][i]]
+        tokens = [_EMPTY] * n
+        for i, ids in zip(ok, encoder.encode(backend, [rows["text"][i] for i in ok], threads=1)):
+            tokens[i] = ids
+        yield _tokens_table(rows, tokens, [_EMPTY] * n)
+
+
+@functools.lru_cache(maxsize=2)
+def _document_backend(encoder: DocumentEncoder):
+    return encoder.load()
 
 
 class _Tokenize:
-    """Ray Data actor: builds its tokenizer once (documents: the backend alone, see DocumentEncoder;
-    conversations: the transformers tokenizer and its chat template), encodes records in batches."""
+    """Ray Data actor (conversations, or documents of a tokenizer without a `tokenizers` backend): loads the
+    transformers tokenizer and its chat template once (~2.5 s), encodes records in batches."""
 
-    def __init__(self, tokenizer_dir: str, sft: bool, separator: str, encoder: DocumentEncoder | None):
-        self.sft, self.separator, self.encoder = sft, separator, encoder
-        if encoder is not None and not sft:
-            self.backend = encoder.load()
-        else:
-            from raylong.data.tokenize import load_tokenizer
+    def __init__(self, tokenizer_dir: str, sft: bool, separator: str):
+        from raylong.data.tokenize import load_tokenizer
 
-            self.tok = load_tokenizer(tokenizer_dir)
+        self.tok = load_tokenizer(tokenizer_dir)
+        self.sft, self.separator = sft, separator
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from raylong.data.tokenize import encode_conversation, encode_documents
 
         n = len(batch["source"])
         ok = [i for i in range(n) if not batch["error"][i]]
-        empty = np.zeros(0, dtype=np.int32)
-        tokens, labels = [empty] * n, [empty] * n
+        tokens, labels = [_EMPTY] * n, [_EMPTY] * n
         if self.sft:
             for i in ok:
                 tokens[i], labels[i] = encode_conversation(self.tok, json.loads(batch["messages"][i]))
         elif ok:
-            texts = [str(batch["text"][i]) for i in ok]
-            encoded = (self.encoder.encode(self.backend, texts) if self.encoder is not None
-                       else encode_documents(self.tok, texts, self.separator))
-            for i, ids in zip(ok, encoded):
+            for i, ids in zip(ok, encode_documents(self.tok, [str(batch["text"][i]) for i in ok], self.separator)):
                 tokens[i] = ids
-        return pa.table(
-            {
-                "source": [str(s) for s in batch["source"]],
-                "piece": np.asarray(batch["piece"], dtype=np.int32),
-                "origin": [str(s) for s in batch["origin"]],
-                "tokens": int32_lists(tokens),
-                "labels": int32_lists(labels),
-                "error": [str(e) for e in batch["error"]],
-            },
-            schema=TOKENS_SCHEMA,
-        )
+        return _tokens_table(batch, tokens, labels)
+
+
+_EMPTY = np.zeros(0, dtype=np.int32)
+
+
+def _tokens_table(rows, tokens: list[np.ndarray], labels: list[np.ndarray]) -> pa.Table:
+    """Read rows (lists or numpy columns) with their tokens, as a TOKENS_SCHEMA table."""
+    return pa.table(
+        {
+            "source": [str(s) for s in rows["source"]],
+            "piece": np.asarray(rows["piece"], dtype=np.int32),
+            "origin": [str(s) for s in rows["origin"]],
+            "tokens": int32_lists(tokens),
+            "labels": int32_lists(labels),
+            "error": [str(e) for e in rows["error"]],
+        },
+        schema=TOKENS_SCHEMA,
+    )
 
 
 def int32_lists(arrays: list[np.ndarray]) -> pa.ListArray:
@@ -162,8 +188,7 @@ def int32_lists(arrays: list[np.ndarray]) -> pa.ListArray:
 
 
 def tokenizer_pool_size(data: DataConfig) -> int:
-    """Tokenizer actors at most: the recipe's data.tokenize_actors, else one per CPU of the cluster now
-    (the pool starts at one and grows while records wait)."""
+    """Tokenizing processes at most: the recipe's data.tokenize_actors, else one per CPU of the cluster now."""
     import ray
 
     if data.tokenize_actors is not None:
@@ -175,8 +200,9 @@ def tokenizer_pool_size(data: DataConfig) -> int:
 
 def tokenized_dataset(pieces: list[Piece], data: DataConfig, tokenizer_dir: str, sft: bool,
                       encoder: DocumentEncoder | None = None):
-    """Ray Dataset of {source, origin, tokens, labels, error}, in piece order: read + parse (tasks of
-    consecutive pieces), tokenize (an autoscaling actor pool; documents through `encoder` when given)."""
+    """Ray Dataset of TOKENS_SCHEMA rows, in piece order. Documents with an `encoder`: tasks that read and
+    encode (one CPU each, no process to start); otherwise read tasks feed an autoscaling pool of tokenizer
+    actors (the chat template needs transformers, loaded once per actor)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -184,13 +210,18 @@ def tokenized_dataset(pieces: list[Piece], data: DataConfig, tokenizer_dir: str,
     sources = {s.name: s for s in data.sources}
     pool = tokenizer_pool_size(data)
     index = {id(p): i for i, p in enumerate(pieces)}
-    tasks = read_tasks(pieces, READ_TASKS_PER_ACTOR * pool)
+    tasks = read_tasks(pieces, READ_TASKS_PER_PROCESS * pool)
     rows = [{"pieces": json.dumps([{"index": index[id(p)], **p.as_row()} for p in task])} for task in tasks]
     items = ray.data.from_items(rows, override_num_blocks=len(rows))
+    if encoder is not None and not sft:
+        # half a CPU each, at most one per CPU: a stage's data is prepared while the previous one trains on
+        # CPUs its workers hold (docs/troubleshooting.md), one task per CPU when the cluster is idle
+        return items.map_batches(_read_and_encode, fn_kwargs={"sources": sources, "encoder": encoder}, batch_size=1,
+                                 num_cpus=0.5, concurrency=pool)
     parsed = items.map_batches(_read_pieces, fn_kwargs={"sources": sources, "sft": sft}, batch_size=1, num_cpus=0.25)
     return parsed.map_batches(
         _Tokenize,
-        fn_constructor_args=(tokenizer_dir, sft, data.separator, encoder),
+        fn_constructor_args=(tokenizer_dir, sft, data.separator),
         batch_size=64,
         num_cpus=0.5,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
@@ -368,7 +399,7 @@ def pack_stream(stage: StageConfig, ds, packer, budget: SourceBudget, out: Split
     sft = stage.kind == "sft"
     counts = StreamCounts()
     t0 = last_log = time.time()
-    for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # blocks as the tasks wrote them
         if counts.seconds_to_first_batch is None:
             counts.seconds_to_first_batch = time.time() - t0
         rows = zip(batch.column("source").to_pylist(), batch.column("origin").to_pylist(),

@@ -96,10 +96,13 @@ class DocumentEncoder:
         backend.no_padding()
         return backend
 
-    def encode(self, backend, texts: list[str]) -> list[np.ndarray]:
+    def encode(self, backend, texts: list[str], threads: int | None = None) -> list[np.ndarray]:
+        """threads=1: one document at a time on this thread (a process per CPU is the parallelism);
+        None: the backend's batch encoding on all cores."""
         head, tail = list(self.head), list(self.tail)
-        return [np.asarray(head + e.ids + tail, dtype=np.int32)
-                for e in backend.encode_batch(texts, add_special_tokens=False)]
+        encoded = ([backend.encode(t, add_special_tokens=False) for t in texts] if threads == 1
+                   else backend.encode_batch(texts, add_special_tokens=False))
+        return [np.asarray(head + e.ids + tail, dtype=np.int32) for e in encoded]
 
 
 def encode_conversation(tok, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
