@@ -14,6 +14,7 @@ Output (one directory per stage and cache key):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -80,13 +81,19 @@ class PreparedData:
 
 
 # ------------------------------------------------------------------------------ Ray Data workers
-def _read_pieces(batch: dict[str, np.ndarray], sources: dict[str, SourceConfig], sft: bool) -> Iterator[dict[str, list]]:
+def _read_pieces(batch: dict[str, np.ndarray], sources: dict[str, SourceConfig], sft: bool,
+                 gate=None) -> Iterator[dict[str, list]]:
     """Ray Data task fn: read tasks (each a JSON list of pieces) -> blocks of CHUNK_RECORDS records and bad
-    records or CHUNK_CHARS of text, in piece order (the small files of a task share blocks)."""
+    records or CHUNK_CHARS of text, in piece order (the small files of a task share blocks). A piece whose
+    source the `gate` (a SourceGate actor) has closed is not read."""
+    import ray
+
     rows, chars = _empty_rows(), 0
     for task in batch["pieces"]:
         for row in json.loads(str(task)):
             index = row.pop("index")
+            if gate is not None and not ray.get(gate.admit.remote(row["source"])):
+                continue
             src, piece = sources[row["source"]], Piece(**row)
             for parsed in read_piece(piece, src, sft):
                 chars += _add_rows(rows, parsed, index)
@@ -117,12 +124,12 @@ def _add_rows(rows: dict[str, list], parsed: ParsedFile, piece: int) -> int:
     return chars
 
 
-def _read_and_encode(batch: dict[str, np.ndarray], sources: dict[str, SourceConfig],
-                     encoder: DocumentEncoder) -> Iterator[pa.Table]:
+def _read_and_encode(batch: dict[str, np.ndarray], sources: dict[str, SourceConfig], encoder: DocumentEncoder,
+                     gate=None) -> Iterator[pa.Table]:
     """Ray Data task fn (documents): read tasks -> blocks of tokenized records. A task uses one thread (the
     cluster's CPUs are the parallelism); the encoder's backend is built once per worker process."""
     backend = _document_backend(encoder)
-    for rows in _read_pieces(batch, sources, sft=False):
+    for rows in _read_pieces(batch, sources, sft=False, gate=gate):
         n = len(rows["source"])
         ok = [i for i in range(n) if not rows["error"][i]]
         tokens = [_EMPTY] * n
@@ -164,6 +171,44 @@ class _Tokenize:
 _EMPTY = np.zeros(0, dtype=np.int32)
 
 
+class SourceGate:
+    """Ray actor: the sources whose share is filled. Read tasks ask it before each piece and skip the pieces of
+    a closed source (the driver would turn every record of them away); it counts what they skipped. Which
+    pieces are skipped depends on timing; the packed data does not (the driver decides what is packed)."""
+
+    def __init__(self):
+        self.closed: set[str] = set()
+        self.skipped: dict[str, int] = {}
+
+    def close(self, source: str) -> None:
+        self.closed.add(source)
+
+    def admit(self, source: str) -> bool:
+        if source in self.closed:
+            self.skipped[source] = self.skipped.get(source, 0) + 1
+            return False
+        return True
+
+    def skipped_pieces(self) -> dict[str, int]:
+        return dict(self.skipped)
+
+
+@contextlib.contextmanager
+def source_gate(data: DataConfig):
+    """A SourceGate actor for the stage's read tasks, killed after; None without a token budget (no source
+    ever fills)."""
+    if not data.token_budget:
+        yield None
+        return
+    import ray
+
+    gate = ray.remote(num_cpus=0)(SourceGate).remote()
+    try:
+        yield gate
+    finally:
+        ray.kill(gate)
+
+
 def _tokens_table(rows, tokens: list[np.ndarray], labels: list[np.ndarray]) -> pa.Table:
     """Read rows (lists or numpy columns) with their tokens, as a TOKENS_SCHEMA table."""
     return pa.table(
@@ -199,10 +244,10 @@ def tokenizer_pool_size(data: DataConfig) -> int:
 
 
 def tokenized_dataset(pieces: list[Piece], data: DataConfig, tokenizer_dir: str, sft: bool,
-                      encoder: DocumentEncoder | None = None):
+                      encoder: DocumentEncoder | None = None, gate=None):
     """Ray Dataset of TOKENS_SCHEMA rows, in piece order. Documents with an `encoder`: tasks that read and
     encode (one CPU each, no process to start); otherwise read tasks feed an autoscaling pool of tokenizer
-    actors (the chat template needs transformers, loaded once per actor)."""
+    actors (the chat template needs transformers, loaded once per actor). `gate`: see SourceGate."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -216,9 +261,10 @@ def tokenized_dataset(pieces: list[Piece], data: DataConfig, tokenizer_dir: str,
     if encoder is not None and not sft:
         # half a CPU each, at most one per CPU: a stage's data is prepared while the previous one trains on
         # CPUs its workers hold (docs/troubleshooting.md), one task per CPU when the cluster is idle
-        return items.map_batches(_read_and_encode, fn_kwargs={"sources": sources, "encoder": encoder}, batch_size=1,
-                                 num_cpus=0.5, concurrency=pool)
-    parsed = items.map_batches(_read_pieces, fn_kwargs={"sources": sources, "sft": sft}, batch_size=1, num_cpus=0.25)
+        return items.map_batches(_read_and_encode, fn_kwargs={"sources": sources, "encoder": encoder, "gate": gate},
+                                 batch_size=1, num_cpus=0.5, concurrency=pool)
+    parsed = items.map_batches(_read_pieces, fn_kwargs={"sources": sources, "sft": sft, "gate": gate}, batch_size=1,
+                               num_cpus=0.25)
     return parsed.map_batches(
         _Tokenize,
         fn_constructor_args=(tokenizer_dir, sft, data.separator),
@@ -348,10 +394,18 @@ class SourceBudget:
                        for n, w in self.weights.items()}
         self.last_piece = last_piece
         self.over_budget = {n: 0 for n in self.weights}
+        self.closed: set[str] = set()
+        self.skipped_pieces: dict[str, int] = {}
         self.resampled = {n: {"skipped_short": 0, "extra_long_copies": 0} for n in self.weights}
 
     def full(self, source: str, stats: PackStats) -> bool:
         return stats.source(source).tokens_in >= self.budget[source]
+
+    def newly_full(self, stats: PackStats) -> list[str]:
+        """The sources that have filled their share since the last call."""
+        full = [n for n in self.weights if n not in self.closed and self.full(n, stats)]
+        self.closed.update(full)
+        return full
 
     def settled(self, stats: PackStats, piece: int) -> bool:
         """Nothing left to read once the stream is at `piece`: each source is full or read to its end (a
@@ -394,8 +448,10 @@ def cached_data(directory: str) -> PreparedData | None:
     return PreparedData(directory, report, cached=True)
 
 
-def pack_stream(stage: StageConfig, ds, packer, budget: SourceBudget, out: SplitWriter) -> StreamCounts:
-    """Tokenized records -> budget / length re-sampling -> packer -> train / held-out writers."""
+def pack_stream(stage: StageConfig, ds, packer, budget: SourceBudget, out: SplitWriter, gate=None) -> StreamCounts:
+    """Tokenized records -> budget / length re-sampling -> packer -> train / held-out writers. A record of a
+    source that has its share is turned away uncounted, bad or not (the `gate`, told when a source fills,
+    stops the readers soon after, at a point that depends on timing; the counts do not)."""
     sft = stage.kind == "sft"
     counts = StreamCounts()
     t0 = last_log = time.time()
@@ -406,12 +462,12 @@ def pack_stream(stage: StageConfig, ds, packer, budget: SourceBudget, out: Split
                    numpy_lists(batch.column("tokens")), numpy_lists(batch.column("labels")),
                    batch.column("error").to_pylist())
         for source, origin, tokens, labels, error in rows:
+            if budget.full(source, packer.stats):
+                budget.over_budget[source] += 1
+                continue
             counts.records += 1
             if error:
                 counts.bad.append({"source": source, "origin": origin, "reason": error})
-                continue
-            if budget.full(source, packer.stats):
-                budget.over_budget[source] += 1
                 continue
             for _ in range(budget.copies(source, len(tokens), origin)):
                 out.write(packer.add(tokens, labels, source) if sft else packer.add(tokens, source))
@@ -419,10 +475,17 @@ def pack_stream(stage: StageConfig, ds, packer, budget: SourceBudget, out: Split
             last_log = time.time()
             log.info("data %s: %d records, %.0f tokens/s", stage.name, counts.records,
                      packer.stats.tokens_in / (last_log - t0))
+        for name in budget.newly_full(packer.stats):
+            if gate is not None:
+                gate.close.remote(name)
         if budget.settled(packer.stats, batch.column("piece")[batch.num_rows - 1].as_py()):
             break  # every source has its share or is read to its end: stop reading
     out.write(packer.finish())
     out.close()
+    if gate is not None:
+        import ray
+
+        budget.skipped_pieces = ray.get(gate.skipped_pieces.remote())
     counts.seconds = time.time() - t0
     packer.stats.check()
     for name, (tokens, share) in budget.short(packer.stats).items():
@@ -457,7 +520,9 @@ def prepare_stage_data(stage: StageConfig, tokenizer_dir: str, data_root: str) -
     budget = SourceBudget(data, {p.source: i for i, p in enumerate(pieces)})
     sft = stage.kind == "sft"
     encoder = None if sft else DocumentEncoder.of(tok, data.separator)
-    counts = pack_stream(stage, tokenized_dataset(pieces, data, tokenizer_dir, sft, encoder), packer, budget, out)
+    with source_gate(data) as gate:
+        counts = pack_stream(stage, tokenized_dataset(pieces, data, tokenizer_dir, sft, encoder, gate), packer,
+                             budget, out, gate)
 
     with fs.open_output_stream(f"{local}/bad_records.jsonl") as f:
         f.write("".join(json.dumps(b) + "\n" for b in counts.bad).encode())
@@ -495,7 +560,8 @@ def build_report(stage: StageConfig, packer, budget: SourceBudget, counts: Strea
                 "tokens_in": stats.source(name).tokens_in,
                 "tokens_packed": stats.source(name).tokens_packed,
                 "tokens_dropped": stats.source(name).tokens_dropped,
-                "documents_over_budget": budget.over_budget[name],
+                "documents_over_budget": budget.over_budget[name],  # read after the share was filled
+                "pieces_skipped": budget.skipped_pieces.get(name, 0),  # not read: the share was filled
                 "share_requested": round(weight / total_w, 4),
                 "share_achieved": round(stats.source(name).tokens_packed / packed, 4),
                 **budget.resampled[name],
