@@ -246,7 +246,7 @@ def tokenizer_pool_size(data: DataConfig) -> int:
 def tokenized_dataset(pieces: list[Piece], data: DataConfig, tokenizer_dir: str, sft: bool,
                       encoder: DocumentEncoder | None = None, gate=None):
     """Ray Dataset of TOKENS_SCHEMA rows, in piece order. Documents with an `encoder`: tasks that read and
-    encode (one CPU each, no process to start); otherwise read tasks feed an autoscaling pool of tokenizer
+    encode (half a CPU each, at most `pool` at once, no process to start); otherwise read tasks feed an autoscaling pool of tokenizer
     actors (the chat template needs transformers, loaded once per actor). `gate`: see SourceGate."""
     import ray
 
@@ -435,7 +435,7 @@ class StreamCounts:
     records: int = 0
     bad: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    seconds_to_first_batch: float | None = None  # the fixed cost: planning, actor start-up, tokenizer load
+    seconds_to_first_batch: float | None = None  # the fixed cost: Ray Data start-up, the first read task
 
 
 def cached_data(directory: str) -> PreparedData | None:
