@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-quick bench clean constraints
+.PHONY: venv demo test test-quick bench clean constraints tiny-base
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test-quick: venv
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Rebuild assets/tiny_base, the tiny recipe's pretrained 1K-context base (about 25 minutes on 2 CPU cores; its
+# TRAINING.json records the arguments, the passkey curve and the final accuracies at 256..8K).
+TINY_BASE_ARGS ?= --steps 2800 --hidden 128 --layers 3 --heads 4 --kv-heads 4 --passkey-share 0.8 --noise-share 0.7 \
+	--answer-only-loss --answer-weight 1.0 --curriculum 256,512,1024,1024 --tokens-per-step 4096 --lr 1e-3 --seed 0
+tiny-base: venv
+	$(PY) scripts/train_base.py --out assets/tiny_base $(TINY_BASE_ARGS) --threads 2
 
 # Pin the cluster's nodes to the environment the tests passed in (see requirements/constraints-py311.txt).
 constraints: venv

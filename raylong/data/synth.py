@@ -14,6 +14,9 @@ from pathlib import Path
 from raylong.config import NEEDLE_TASKS, GenerateConfig, expand_path
 
 
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+
+
 @dataclass
 class Haystack:
     """Real filler text, concatenated from files, read once."""
@@ -42,6 +45,16 @@ class Haystack:
         if tok is not None:
             sample = text[:200_000]
             cpt = len(sample) / max(1, len(tok(sample, add_special_tokens=False)["input_ids"]))
+        return cls(text, cpt)
+
+    @classmethod
+    def noise(cls, tok=None, chars: int = 400_000) -> Haystack:
+        """The standard passkey test's haystack (Mohtashami & Jaggi, 2023; RULER's niah_single_1): a few
+        sentences repeated, so the needle is the only information in the context."""
+        text = (NOISE * (chars // len(NOISE) + 1))[:chars]
+        cpt = 4.0
+        if tok is not None:
+            cpt = len(text[:20_000]) / max(1, len(tok(text[:20_000], add_special_tokens=False)["input_ids"]))
         return cls(text, cpt)
 
     def slice(self, rng: random.Random, tokens: int) -> str:
