@@ -262,7 +262,11 @@ class EvalConfig(_Strict):
         return v
 
     enabled: bool = True
-    filler: str | None = Field(None, description="glob of real text for passkey haystacks (None: no passkey)")
+    filler: str | None = Field(None, description="glob of real text for the needle tasks' haystacks (None: no "
+                                                 "retrieval tasks)")
+    passkey_haystack: Literal["noise", "filler"] = Field(
+        "noise", description="the single-needle passkey's haystack: the standard test's repeated sentences "
+                             "(Mohtashami & Jaggi 2023; RULER niah_single_1) or the real filler")
     tasks: list[str] = Field(["passkey"], description="retrieval tasks (RULER-style): passkey, multikey, "
                                                       "multivalue, vartrack")
     lengths: list[int] | None = Field(None, description="passkey context lengths (default: 3 log-spaced <= seq_len)")
@@ -405,6 +409,9 @@ class StageConfig(_Strict):
         return self.seq_len * self.optim.micro_batch_size * self.optim.grad_accum * self.data_parallel_size
 
 
+BASE_RUN = "base"  # the MLflow child run that scores the model the chain starts from
+
+
 class PipelineConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = Field("./runs", description="local dir or URI for data, checkpoints, exports")
@@ -413,6 +420,8 @@ class PipelineConfig(_Strict):
     stages: list[StageConfig] = Field(..., min_length=1)
     registered_model: str | None = Field(None, description="MLflow registered model for the last export "
                                                            "(default: '<name>-final')")
+    evaluate_base: bool = Field(True, description="score the model the chain starts from, before the first stage, "
+                                                  "with the longest stage's retrieval tasks (the 'base' run)")
 
     @field_validator("storage_path")
     @classmethod
@@ -426,6 +435,9 @@ class PipelineConfig(_Strict):
         for i, stage in enumerate(stages):
             if stage.name in seen:
                 raise ValueError(f"stages[{i}].name {stage.name!r} is used twice; stage names must be unique")
+            if stage.name == BASE_RUN:
+                raise ValueError(f"stages[{i}].name {BASE_RUN!r} is the base model's evaluation run; name the stage "
+                                 "otherwise")
             if stage.init_from is not None and stage.init_from not in seen:
                 raise ValueError(
                     f"stages[{i}].init_from={stage.init_from!r} must name an earlier stage (one of {seen or 'none'})"
@@ -443,6 +455,20 @@ class PipelineConfig(_Strict):
                     )
             seen.append(stage.name)
         return stages
+
+    @model_validator(mode="after")
+    def _evaluation_held_out(self) -> PipelineConfig:
+        """No stage trains on a retrieval task the chain evaluates: the score would measure the format
+        learned, not the context extended (SFT generates kv_lookup; evaluation scores RULER-style needles)."""
+        scored = {t for s in self.stages if s.eval.enabled and s.eval.filler for t in s.eval.tasks}
+        for i, stage in enumerate(self.stages):
+            for j, source in enumerate(stage.data.sources):
+                if source.generate is not None and source.generate.task in scored:
+                    raise ValueError(
+                        f"stages[{i}].data.sources[{j}].generate.task {source.generate.task!r} is a task the chain "
+                        f"evaluates (eval.tasks); the evaluation would score the format trained on: generate "
+                        f"another task (kv_lookup) or evaluate others")
+        return self
 
     @model_validator(mode="after")
     def _heads_divisible(self) -> PipelineConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import yaml
@@ -50,7 +49,8 @@ def test_seq_len_not_divisible_by_sp_names_the_numbers():
 
 
 def test_heads_not_divisible_by_sp():
-    raw = tiny_raw()
+    raw = tiny_raw()  # a random init: checked when the recipe is validated (a model.path, by preflight)
+    raw["model"] = {"init": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}}
     raw["stages"][0]["parallel"].update(sp_size=3, num_workers=3)
     raw["stages"][0]["seq_len"] = 3072
     raw["stages"][0]["eval"] = {"short_len": 240}
@@ -121,9 +121,11 @@ def test_missing_recipe_file(tmp_path):
 
 def test_rope_to_hf_variants():
     cfg = load_recipe("jobs/recipes/tiny.yaml")
-    raw = copy.deepcopy(cfg.stages[0].rope.model_dump())
-    assert cfg.stages[0].rope.to_hf() == {"rope_type": "default", "rope_theta": raw["theta"]}
+    assert cfg.stages[0].rope.to_hf() == {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                                          "original_max_position_embeddings": 1024}
     from raylong.config import RopeConfig
+
+    assert RopeConfig(theta=5e4).to_hf() == {"rope_type": "default", "rope_theta": 5e4}
 
     y = RopeConfig(type="yarn", theta=5e5, factor=8, original_max_position_embeddings=131072).to_hf()
     assert y == {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0, "original_max_position_embeddings": 131072}
@@ -138,3 +140,31 @@ def test_carrying_optimizer_state_needs_the_same_worker_layout():
     raw = tiny_raw()
     raw["stages"][0]["optim"]["carry_optimizer_state"] = True
     expect_error(raw, "the first stage has no previous optimizer state")
+
+
+def test_the_base_model_is_scored_by_the_longest_evaluated_stage_with_its_own_rope():
+    """The 'base' run: the seed recipe's last 1M-token stage's tasks, lengths and workers, plain prompts, and
+    the RoPE the base's config.json states (Llama-3.1's llama3 scaling, written the v4 way), not the stage's."""
+    from raylong.pipeline.runner import base_eval_stage
+    from raylong.train.model import rope_of
+
+    cfg = load_recipe("jobs/recipes/llama31_8b_1m.yaml")
+    llama31 = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    stage = base_eval_stage(cfg, llama31)
+    last = cfg.stages[-1]
+    assert (stage.name, stage.kind, stage.seq_len, stage.eval, stage.parallel) == ("base", "pretrain", 1048576,
+                                                                                   last.eval, last.parallel)
+    assert stage.rope.to_hf() == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                  "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0}
+    assert last.rope.type == "yarn"  # the stage's own RoPE is left as it was
+    v5 = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    assert rope_of(v5).to_hf() == {"rope_type": "default", "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="rope_type 'dynamic' in the model's config.json is not one a stage can state"):
+        rope_of({"rope_theta": 1e4, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ValidationError, match="'base' is the base model's evaluation run"):
+        PipelineConfig.model_validate({**cfg.model_dump(), "stages": [{**cfg.stages[-1].model_dump(), "name": "base"}]})
+    for s in cfg.stages:
+        s.eval.enabled = False
+    assert base_eval_stage(cfg, v5) is None

@@ -150,6 +150,8 @@ def test_every_retrieval_task_is_answerable_from_its_context_and_only_from_it(to
         assert len(answer) == item.answer_len and item.answer_len > 0
         text, said = tok_decode(tokenizer_dir, prompt), tok_decode(tokenizer_dir, answer).strip()
         lead = text.rsplit("\n", 1)[1]
+        # the single needle in the standard passkey test's repeated sentences; the other needles in real text
+        assert ("The grass is green. The sky is blue." in text) == (item.task == "passkey"), item.task
         if item.task == "multikey":  # the named key's own sentence, among three others
             assert f"{lead} {said}." in text and text.count("The pass key for ") == 5
         elif item.task == "vartrack":  # the value is assigned to the first variable only
@@ -195,3 +197,25 @@ def test_a_task_that_cannot_fit_its_length_is_refused(tokenizer_dir):
 def test_an_unknown_task_is_refused():
     with pytest.raises(ValueError, match="eval.tasks must be distinct names from passkey, multikey"):
         StageConfig.model_validate({**eval_stage("pretrain").model_dump(), "eval": {"tasks": ["needle"]}})
+
+
+@pytest.mark.slow
+def test_the_shipped_tiny_base_retrieves_at_its_native_length_and_not_at_8x():
+    """assets/tiny_base (the tiny recipe's start, docs/tiny_base.md run o) finds every passkey at 1K with its
+    own RoPE and none at 8K, where the recipe's YaRN (factor 8 over 1K) restores retrieval without training:
+    the extension the chain is there to make, measured on the same suite the pipeline builds."""
+    from raylong.config import RopeConfig
+    from raylong.train.attention import attention_for
+    from raylong.train.model import load_model
+
+    base = "assets/tiny_base"
+    yarn = RopeConfig(type="yarn", theta=10000, factor=8, original_max_position_embeddings=1024)
+    scores = {}
+    for name, rope, length in (("own", RopeConfig(theta=10000), 1024), ("own", RopeConfig(theta=10000), 8192),
+                               ("yarn", yarn, 8192)):
+        stage = eval_stage("pretrain", seq_len=8192).model_copy(deep=True, update={"rope": rope})
+        stage.eval.lengths, stage.eval.per_cell = [length], 2
+        suite = build_eval_suite(stage, base)
+        model = load_model(base, stage, attention_for(True, False), torch.float32).eval()
+        scores[name, length] = evaluate(model_forward(model), suite, [], pad_id=0)["tasks"]["passkey"][str(length)]
+    assert scores["own", 1024] >= 0.9 and scores["own", 8192] <= 0.2 and scores["yarn", 8192] >= 0.9, scores

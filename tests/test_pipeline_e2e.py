@@ -89,7 +89,7 @@ def chain(ray_cluster, tokenizer_dir, tmp_path_factory):
 
 def test_bad_sft_data_stops_the_chain_before_training(chain):
     assert "records are bad" in chain["first_error"] and "chat.jsonl" in chain["first_error"]
-    assert chain["after_failure"] == [("cp_256", "FINISHED"), ("sft_512", "FAILED")]
+    assert chain["after_failure"] == [("base", "FINISHED"), ("cp_256", "FINISHED"), ("sft_512", "FAILED")]
 
 
 def test_rerun_skips_finished_stage_and_completes(chain):
@@ -98,7 +98,8 @@ def test_rerun_skips_finished_stage_and_completes(chain):
     before, after = chain["export_1_mtime"]
     assert before == after, "the finished stage's export was rewritten"
     runs = tracker.stage_runs(chain["parent"])
-    assert [(r.stage, r.status) for r in runs] == [("cp_256", "FINISHED"), ("sft_512", "FAILED"), ("sft_512", "FINISHED")]
+    assert [(r.stage, r.status) for r in runs] == [("base", "FINISHED"), ("cp_256", "FINISHED"), ("sft_512", "FAILED"),
+                                                   ("sft_512", "FINISHED")]  # the base was scored once
     assert tracker.client.get_run(chain["parent"]).info.status == "FINISHED"
     assert result.parent_run_id == chain["parent"]
 
@@ -118,7 +119,7 @@ def test_each_stage_starts_from_the_previous_export(chain):
 def test_loss_curves_logged_and_falling(chain):
     tracker = chain["tracker"]
     for rec in tracker.stage_runs(chain["parent"]):
-        if rec.status != "FINISHED":
+        if rec.status != "FINISHED" or rec.stage == "base":
             continue
         losses = tracker.metric_history(rec.run_id, "train/loss")
         assert len(losses) == 8, rec.stage
@@ -133,7 +134,7 @@ def test_exports_load_generate_and_carry_the_stage_rope(chain):
 
     tracker, cfg = chain["tracker"], chain["cfg"]
     for rec in tracker.stage_runs(chain["parent"]):
-        if rec.status != "FINISHED":
+        if rec.status != "FINISHED" or rec.stage == "base":
             continue
         stage = cfg.stage(rec.stage)
         path = rec.export_uri
@@ -163,10 +164,39 @@ def test_each_stage_is_evaluated_and_compared(chain):
     assert {"eval/eval.json", "eval/passkey_heatmap.png", "eval/loss_by_position.png"} <= arts
     compare = {a.path for a in tracker.client.list_artifacts(chain["parent"], "compare")}
     assert {"compare/stages.txt", "compare/loss_curves.png", "compare/loss_by_position.png",
-            "compare/passkey_heatmaps.png"} <= compare
+            "compare/passkey_heatmaps.png", "compare/retrieval_by_stage.png"} <= compare
     table = tracker.client.download_artifacts(chain["parent"], "compare/stages.txt")
     text = open(table).read()
     assert "cp_256" in text and "sft_512" in text and "512:" in text
+    assert text.splitlines()[2].startswith("base "), text  # the first row: what every stage is compared with
+
+
+def test_the_base_model_is_scored_before_the_first_stage_as_it_was_trained(chain, tokenizer_dir):
+    """The 'base' run scores the start weights with the longest stage's retrieval suite (sft_512's lengths),
+    on plain prompts and the base's own RoPE, in the workers; its grid equals a single-process evaluation
+    of the base export on the same suite."""
+    from raylong.eval.run import evaluate, model_forward
+    from raylong.eval.suite import EvalSuite
+    from raylong.train.attention import attention_for
+    from raylong.train.model import load_model, rope_of
+
+    tracker, cfg = chain["tracker"], chain["cfg"]
+    base = next(r for r in tracker.stage_runs(chain["parent"]) if r.stage == "base")
+    run = tracker.get_run(base.run_id)
+    base_dir = f"{cfg.storage_path}/e2e-1/assets/base_model".removeprefix("file://")
+    assert run.data.tags["stage_index"] == "-1" and run.data.tags["init_from"].endswith("assets/base_model")
+    assert (run.data.params["kind"], run.data.params["seq_len"], run.data.params["rope.theta"]) == ("pretrain", "512",
+                                                                                                    "10000.0")
+    assert {"eval/passkey_acc/256", "eval/passkey_acc/512"} <= set(run.data.metrics)
+    assert not any(k.startswith("train/") for k in run.data.metrics)  # nothing was trained
+    summary = json.load(open(tracker.client.download_artifacts(base.run_id, "eval/eval.json")))
+    suite = EvalSuite.from_json(open(f"{cfg.storage_path.removeprefix('file://')}/e2e-1/eval/base.json").read())
+    assert summary["stage"] == "base" and {p.length for p in suite.passkey} == {256, 512}
+    with open(f"{base_dir}/config.json") as f:
+        stage = cfg.stages[-1].model_copy(update={"rope": rope_of(json.load(f))})
+    model = load_model(base_dir, stage, attention_for(True, False), torch.float32).eval()
+    plain = evaluate(model_forward(model), suite, [], pad_id=0)
+    assert summary["passkey"] == plain["passkey"] and summary["tasks"] == plain["tasks"]
 
 
 def test_final_export_is_a_registered_mlflow_model_that_mlflow_loads_and_generates(chain, monkeypatch):

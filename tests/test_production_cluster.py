@@ -138,7 +138,10 @@ def test_the_job_succeeds_and_every_stage_run_finishes(production):
     tracker = production["tracker"]
     assert tracker.get_run(tracker.find_pipeline(PIPELINE)).info.status == "FINISHED"
     runs = stage_runs(tracker)
-    assert {s: r.status for s, r in runs.items()} == {"cp_512": "FINISHED", "sft_512": "FINISHED"}
+    assert {s: r.status for s, r in runs.items()} == {"base": "FINISHED", "cp_512": "FINISHED", "sft_512": "FINISHED"}
+    # the base model (from the bucket) scored by the 4 workers at sft_512's length, with its own RoPE
+    base = tracker.get_run(runs.pop("base").run_id).data
+    assert 0.0 <= base.metrics["eval/passkey_acc/512"] <= 1.0 and base.params["rope.theta"] == "10000.0"
     for name, run in runs.items():
         losses = tracker.metric_history(run.run_id, "train/loss")
         assert len(losses) >= STEPS and all(torch.isfinite(torch.tensor(losses))), (name, losses)
@@ -181,6 +184,8 @@ def test_every_export_downloaded_from_the_bucket_loads_and_generates(production)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for stage, run in stage_runs(production["tracker"]).items():
+        if stage == "base":  # scored, not trained: it has no export of its own
+            continue
         local = production["s3"].download_dir(run.export_uri, tempfile.mkdtemp(prefix=f"prod-{stage}-"))
         model, tok = AutoModelForCausalLM.from_pretrained(local), AutoTokenizer.from_pretrained(local)
         ids = tok("def main():", return_tensors="pt").input_ids
@@ -209,7 +214,7 @@ def test_every_process_listened_and_connected_on_loopback_only(production):
     # rank 0 of each group logged its pid and MASTER_PORT (tests/prod_job.py); a process's title is no guide:
     # it names the actor's last method call, which need not say RayTrainWorker
     stores = set(re.findall(r"TCPStore of this training group: pid (\d+) port (\d+)", production["logs"]))
-    assert 2 <= len(stores) <= 3, stores  # one per training group: cp_512 (2 attempts), sft_512
+    assert 3 <= len(stores) <= 4, stores  # one per training group: base, cp_512 (2 attempts), sft_512
 
     def is_store(sock: str) -> bool:
         m = re.match(r"pid (\d+) .*: LISTEN addr\(ip='::', port=(\d+)\)", sock)

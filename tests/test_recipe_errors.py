@@ -94,6 +94,12 @@ CASES = {
                                ["stages[0].eval.depths", "fractions in [0, 1]"]),
     "missing_eval_filler": (lambda r: _stage(r).update(eval={"filler": "/nonexistent/*.txt"}),
                             ["stages[0].eval.filler: no files match '/nonexistent/*.txt'"]),
+    "sft_trains_the_task_it_is_scored_on": (lambda r: _second_stage(
+        r, name="sft_1k", kind="sft", eval={"filler": f"{STDLIB}/json/*.py"},
+        data={"sources": [{"name": "pk", "format": "jsonl", "generate": {
+            "task": "passkey", "num_examples": 4, "filler": f"{STDLIB}/json/*.py", "context_tokens": [60]}}]}),
+        ["stages[1].data.sources[0].generate.task 'passkey' is a task the chain evaluates",
+         "the evaluation would score the format trained on"]),
     "unknown_stage_kind": (lambda r: _stage(r).update(kind="dpo"), ["stages[0].kind", "'pretrain' or 'sft'", "'dpo'"]),
     "stage_name_with_space": (lambda r: _stage(r).update(name="cp 1k"), ["stages[0].name", "should match pattern"]),
     "no_stages": (lambda r: r.update(stages=[]), ["stages: List should have at least 1 item"]),

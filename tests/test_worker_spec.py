@@ -35,6 +35,15 @@ def test_each_mode_gets_what_it_needs():
                       "heldout_uri": "s3://b/h.parquet"})
     with pytest.raises(SpecError, match="evaluation needs the held-out sequences"):
         WorkerSpec(**{**OK, "eval_suite_uri": "s3://b/e.json"})
+    with pytest.raises(SpecError, match="a stage run trains and needs its packed sequences"):
+        WorkerSpec(**{**OK, "train_uri": None})
+    # the base model's evaluation: a suite, no training data, no held-out loss, nothing written
+    base = {**OK, "mode": WorkerMode.EVAL, "train_uri": None, "export_uri": None}
+    with pytest.raises(SpecError, match="an evaluation run needs an eval_suite_uri"):
+        WorkerSpec(**base)
+    with pytest.raises(SpecError, match="an evaluation run writes no export"):
+        WorkerSpec(**{**base, "eval_suite_uri": "s3://b/e.json", "export_uri": "s3://b/x"})
+    WorkerSpec(**{**base, "eval_suite_uri": "s3://b/e.json"})
 
 
 def test_the_spec_travels_whole_and_never_prints_credentials():

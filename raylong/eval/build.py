@@ -15,7 +15,8 @@ def build_eval_suite(stage: StageConfig, tokenizer_dir: str) -> EvalSuite:
     if ev.filler:
         tok = load_tokenizer(tokenizer_dir)
         hay = Haystack.from_glob(ev.filler, tok, seed=ev.seed)
+        passkey_hay = Haystack.noise(tok) if ev.passkey_haystack == "noise" else hay
         lengths = ev.lengths or passkey_lengths(stage.seq_len)
         suite.passkey = build_passkey_items(tok, hay, lengths, ev.depths, ev.per_cell, chat=stage.kind == "sft",
-                                            seed=ev.seed, tasks=tuple(ev.tasks))
+                                            seed=ev.seed, tasks=tuple(ev.tasks), passkey_hay=passkey_hay)
     return suite

@@ -1,4 +1,4 @@
-"""PNG figures of evaluations: passkey heatmaps (length x depth), loss curves (matplotlib, Agg)."""
+"""PNG figures of evaluations: passkey heatmaps (length x depth), retrieval and loss curves (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -73,3 +73,28 @@ def task_curves(tasks: dict[str, dict[str, float]], path: str, title: str = "") 
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title, fontsize=9)
     return _finish(fig, ax, "context tokens", "exact match", path)
+
+
+def stage_task_curves(per_stage: dict[str, dict[str, dict[str, float]]], path: str) -> str:
+    """One panel per retrieval task: exact match per context length (log-x), one line per stage; the base
+    model's dashed, so what each stage added beyond the base's native length shows."""
+    tasks = sorted({t for by_task in per_stage.values() for t in by_task}, key=lambda t: (t != "passkey", t))
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for stage, by_task in per_stage.items():
+            by_length = by_task.get(task)
+            if not by_length:
+                continue
+            lengths = sorted(by_length, key=int)
+            ax.plot([int(n) for n in lengths], [by_length[n] for n in lengths], marker="o", label=stage,
+                    linestyle="--" if stage == "base" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel("exact match")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -131,12 +131,13 @@ def sharded_forward(se) -> Forward:
     return forward
 
 
-def evaluate_in_workers(se, suite_json: str, heldout_path: str, max_heldout: int, pad_id: int) -> dict | None:
-    """Collective over the worker group; each DP group scores its share; rank 0 returns the summary."""
+def evaluate_in_workers(se, suite_json: str, heldout_path: str | None, max_heldout: int, pad_id: int) -> dict | None:
+    """Collective over the worker group; each DP group scores its share; rank 0 returns the summary.
+    `heldout_path` None: retrieval tasks only (the base model's evaluation)."""
     import torch.distributed as dist
 
     suite = EvalSuite.from_json(suite_json)
-    heldout = read_heldout(heldout_path, max_heldout, se.stage.per_document_attention)
+    heldout = read_heldout(heldout_path, max_heldout, se.stage.per_document_attention) if heldout_path else []
     sp = se.stage.parallel.sp_size
     if suite.short_len % sp:
         raise ValueError(f"eval short_len {suite.short_len} must be divisible by sp_size {sp}")

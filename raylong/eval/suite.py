@@ -59,16 +59,18 @@ def passkey_lengths(seq_len: int, count: int = 3, smallest: int = 256) -> list[i
 
 
 def build_passkey_items(tok, hay, lengths: list[int], depths: list[float], per_cell: int, chat: bool,
-                        seed: int = 0, tasks: tuple[str, ...] = ("passkey",)) -> list[PasskeyItem]:
-    """Prompts of real filler with the needle at each depth, per task; the model must continue with the
-    answer. Each task draws from its own seeded stream, so adding a task leaves the others' items as they were."""
+                        seed: int = 0, tasks: tuple[str, ...] = ("passkey",), passkey_hay=None) -> list[PasskeyItem]:
+    """Prompts of filler with the needle at each depth, per task; the model must continue with the answer.
+    `hay` is real text; `passkey_hay` (default `hay`) the single-needle passkey's haystack. Each task draws
+    from its own seeded stream, so adding a task leaves the others' items as they were."""
     items = []
     for task in tasks:
         rng = random.Random(seed if task == "passkey" else f"{seed}-{task}")
+        task_hay = passkey_hay if task == "passkey" and passkey_hay is not None else hay
         for length in lengths:
             for depth in depths:
                 for _ in range(per_cell):
-                    items.append(_needle_item(tok, hay, rng, task, length, depth, chat))
+                    items.append(_needle_item(tok, task_hay, rng, task, length, depth, chat))
     return items
 
 

@@ -77,7 +77,7 @@ def stage_eval(tracker: Tracker, run_id: str) -> dict | None:
 
 def compare_pipeline(tracker: Tracker, pipeline_id: str, out_dir: str | None = None) -> str:
     """Print the stage table; write it and the comparison PNGs as artifacts of the parent run."""
-    from raylong.eval.plots import loss_curves, passkey_heatmap, position_curve
+    from raylong.eval.plots import loss_curves, passkey_heatmap, position_curve, stage_task_curves
 
     rows = stage_rows(tracker, pipeline_id)
     table = format_table(rows)
@@ -92,6 +92,7 @@ def compare_pipeline(tracker: Tracker, pipeline_id: str, out_dir: str | None = N
     loss_curves({r["stage"]: r["losses"] for r in rows}, os.path.join(out_dir, "loss_curves.png"))
     position_curve({s: e["loss_by_position"] for s, e in evals.items() if e}, os.path.join(out_dir, "loss_by_position.png"))
     passkey_heatmap({s: e["passkey"] for s, e in evals.items() if e}, os.path.join(out_dir, "passkey_heatmaps.png"))
+    stage_task_curves({s: e.get("tasks", {}) for s, e in evals.items() if e}, os.path.join(out_dir, "retrieval_by_stage.png"))
     parent = tracker.find_pipeline(pipeline_id)
     tracker.log_artifacts(parent, out_dir, "compare")
     return table

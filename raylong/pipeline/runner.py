@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raylong.config import PipelineConfig, StageConfig
+from raylong.config import BASE_RUN, PipelineConfig, StageConfig
 from raylong.credentials import credential_names
 from raylong.log import get_logger
 from raylong.pipeline.context import PipelineContext, new_pipeline_id
@@ -39,7 +39,8 @@ class PipelineResult:
 
 def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_uri: str | None = None,
                  check_plan: bool = True, worker_cls=None) -> PipelineResult:
-    """`worker_cls`: a StageWorker subclass the stages' workers run instead (tests inject faults with it)."""
+    """`worker_cls`: a StageWorker subclass the stages' (and the base run's) workers run instead (tests inject
+    faults with it)."""
     from raylong.train.model import export_complete
 
     ctx = PipelineContext.open(cfg, pipeline_id or new_pipeline_id(cfg), tracking_uri, check_plan)
@@ -53,6 +54,8 @@ def run_pipeline(cfg: PipelineConfig, pipeline_id: str | None = None, tracking_u
         log.info("credentials from the environment, forwarded to workers: %s", ", ".join(credential_names()))
     try:
         ctx.start()
+        if cfg.evaluate_base:
+            evaluate_base(ctx, parent, worker_cls)
         exports: dict[str, str] = {}
         carried = {cfg.init_stage_of(j) for j, s in enumerate(cfg.stages) if s.optim.carry_optimizer_state}
         for index, stage in enumerate(cfg.stages):
@@ -92,6 +95,57 @@ def finish_pipeline(ctx: PipelineContext, parent: str, result: PipelineResult) -
     version = register_final_model(ctx.tracker, name, for_users(last.export_uri), last.run_id,
                                    {"pipeline_id": ctx.pipeline_id, "recipe": cfg.name, "stage": last.name})
     ctx.tracker.set_tags(parent, {"registered_model": f"{name}/{version}"})
+
+
+def base_eval_stage(cfg: PipelineConfig, base_config: dict) -> StageConfig | None:
+    """The base model's evaluation as a stage: the longest evaluated stage (its lengths, tasks and worker
+    layout) run as the base was trained (its own RoPE) on plain prompts (it is not an instruct model).
+    None when no stage evaluates retrieval."""
+    from raylong.train.model import rope_of
+
+    scored = [s for s in cfg.stages if s.eval.enabled and s.eval.filler]
+    if not scored:
+        return None
+    longest = max(reversed(scored), key=lambda s: s.seq_len)  # the last of the longest
+    return longest.model_copy(deep=True, update={"name": BASE_RUN, "kind": "pretrain", "rope": rope_of(base_config),
+                                                  "init_from": None, "sweep": None})
+
+
+def evaluate_base(ctx: PipelineContext, parent: str, worker_cls=None) -> None:
+    """Score the model the chain starts from with the longest stage's retrieval tasks at every length,
+    in its own child run ('base', stage_index -1), so every stage compares against it. Once per pipeline.
+    `worker_cls`: as run_stage's (the workers' seam)."""
+    import json
+
+    from raylong.eval.build import build_eval_suite
+    from raylong.storage import read_text, write_text
+    from raylong.train.launch import run_training
+    from raylong.train.spec import WorkerMode, WorkerSpec
+
+    tracker, cfg = ctx.tracker, ctx.cfg
+    if tracker.finished_stage(parent, BASE_RUN) is not None:
+        log.info("base model: evaluated in an earlier run, skipped")
+        return
+    stage = base_eval_stage(cfg, json.loads(read_text(f"{ctx.base_model_uri}/config.json")))
+    if stage is None:
+        log.info("base model: no stage evaluates retrieval, nothing to score it with")
+        return
+    suite_uri, suite = ctx.paths.eval_suite(BASE_RUN), build_eval_suite(stage, ctx.tokenizer_local)
+    write_text(suite_uri, suite.to_json())
+    run_id = tracker.start_stage(parent, ctx.pipeline_id, -1, stage.model_dump(mode="json"),
+                                 {"init_from": for_users(ctx.base_model_uri)})
+    log.info("base model: scoring %s at %s tokens (rope %s)", ", ".join(stage.eval.tasks),
+             sorted({item.length for item in suite.passkey}), stage.rope.to_hf())
+    try:
+        spec = WorkerSpec(stage=stage, mode=WorkerMode.EVAL, init_uri=ctx.base_model_uri,
+                          tokenizer_uri=ctx.tokenizer_uri, train_uri=None, eval_suite_uri=suite_uri,
+                          tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id)
+        run_training(spec, run_name=f"{ctx.pipeline_id}-{BASE_RUN}", storage_path=ctx.paths.train,
+                     worker_cls=worker_cls)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id, "FINISHED")
 
 
 def run_stage(ctx: PipelineContext, parent: str, index: int, stage: StageConfig, init_uri: str,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from raylong.config import ModelConfig, StageConfig
+from raylong.config import ModelConfig, RopeConfig, StageConfig
 
 END_OF_TURN = "<|eot_id|>"
 
@@ -24,6 +24,23 @@ def stage_model_config(init_dir: str, stage: StageConfig, attn_implementation: s
     config.use_cache = False  # with a cache transformers skips packed-sequence handling
     config._attn_implementation = attn_implementation
     return config
+
+
+def rope_of(config: dict) -> RopeConfig:
+    """The RoPE a Hugging Face config.json states (v5 `rope_parameters`, or v4 `rope_theta` + `rope_scaling`),
+    as a stage's RopeConfig: how a model is run as it was trained (the base model's evaluation)."""
+    params = dict(config.get("rope_parameters") or {})
+    legacy = dict(config.get("rope_scaling") or {})
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    for key, value in legacy.items():
+        params.setdefault("rope_type" if key == "type" else key, value)
+    kind = params.get("rope_type", "default")
+    if kind not in ("default", "yarn", "llama3"):
+        raise ValueError(f"rope_type {kind!r} in the model's config.json is not one a stage can state "
+                         "(default, yarn, llama3)")
+    extra = {k: params[k] for k in ("factor", "original_max_position_embeddings", "low_freq_factor",
+                                    "high_freq_factor") if params.get(k) is not None}
+    return RopeConfig(type=kind, theta=params["rope_theta"], **extra)
 
 
 def load_model(init_dir: str, stage: StageConfig, attn_implementation: str, dtype: torch.dtype):

@@ -18,6 +18,7 @@ from raylong.config import StageConfig
 class WorkerMode(enum.Enum):
     STAGE = "stage"  # train all steps, export, optionally save the optimizer state, evaluate the export
     TRIAL = "trial"  # sweep trial: train, evaluate every `eval_every` steps, report to Tune; no export
+    EVAL = "eval"  # evaluate the start weights (the base model) and record; no training, no export
 
 
 class SpecError(ValueError):
@@ -38,7 +39,7 @@ class WorkerSpec:
     mode: WorkerMode
     init_uri: str  # Hugging Face export the stage starts from
     tokenizer_uri: str
-    train_uri: str  # packed training sequences (Parquet)
+    train_uri: str | None  # packed training sequences (Parquet); None only when evaluating (EVAL)
     export_uri: str | None = None  # where the stage's Hugging Face export goes (STAGE)
     tracking_uri: str | None = None  # MLflow; None: nothing recorded
     mlflow_run_id: str | None = None  # the stage's (or trial's) run, created by the driver
@@ -63,5 +64,12 @@ class WorkerSpec:
                                 f"(got eval_every={self.eval_every}, eval_suite_uri={self.eval_suite_uri})")
             if self.export_uri or self.save_optimizer_to:
                 raise SpecError("WorkerSpec: a sweep trial writes no export and no optimizer state")
-        if self.eval_suite_uri is not None and self.heldout_uri is None:
+        if self.mode is WorkerMode.EVAL:
+            if self.eval_suite_uri is None:
+                raise SpecError("WorkerSpec: an evaluation run needs an eval_suite_uri")
+            if self.export_uri or self.save_optimizer_to:
+                raise SpecError("WorkerSpec: an evaluation run writes no export and no optimizer state")
+        elif self.train_uri is None:
+            raise SpecError(f"WorkerSpec.train_uri: a {self.mode.value} run trains and needs its packed sequences")
+        if self.eval_suite_uri is not None and self.heldout_uri is None and self.mode is not WorkerMode.EVAL:
             raise SpecError("WorkerSpec.heldout_uri: evaluation needs the held-out sequences")

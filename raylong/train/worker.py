@@ -5,6 +5,7 @@
     after_step    checkpoint every N steps; a sweep trial evaluates every `eval_every` steps
     finish_stage  consolidated Hugging Face export -> optimizer state (if carried) -> evaluation -> report
     finish_trial  barrier (a trial is judged by its evaluations; nothing is exported)
+    finish_eval   evaluation of the start weights (the base model) -> report (EVAL: no step is trained)
 
 `before_step` does nothing here: it is the seam tests use to inject faults (a subclass that SIGKILLs a
 rank), passed to `launch.run_training(worker_cls=...)`.
@@ -59,6 +60,9 @@ class StageWorker:
     # --------------------------------------------------------------------------------- phases
     def run(self) -> None:
         self.setup()
+        if self.spec.mode is WorkerMode.EVAL:
+            self.finish_eval()
+            return
         for step in range(self.start_step, self.stage.optim.steps):
             self.before_step(step)
             self.metrics = self.train_step(step)
@@ -77,6 +81,8 @@ class StageWorker:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         recording = self.rank == 0 and spec.tracking_uri and spec.mlflow_run_id
         self.tracker = Tracker(spec.tracking_uri) if recording else None
+        if spec.mode is WorkerMode.EVAL:
+            return
         self.start_step, skipped = restore_checkpoint(self.se.engine, self.rank)
         self.resume_info = {"resumed_from_step": self.start_step, "skipped_checkpoints": "\n".join(skipped)}
         self.loader, self.batches = resumed_batches(spec.train_uri, self.rank, self.world,
@@ -158,6 +164,19 @@ class StageWorker:
 
     def finish_trial(self) -> None:
         collectives.barrier()
+
+    def finish_eval(self) -> None:
+        import ray.train
+
+        summary = self.evaluate()
+        if self.rank == 0:
+            from raylong.eval.run import record
+
+            record(summary, self.tracker, self.spec.mlflow_run_id)
+            log.info("%s eval: %s", self.stage.name, ", ".join(
+                f"{k}={v:.3f}" for k, v in summary["metrics"].items() if "_acc/" in k))
+        collectives.barrier()
+        ray.train.report({})
 
     # -------------------------------------------------------------------------------- helpers
     def evaluate(self) -> dict | None:
