@@ -152,13 +152,7 @@ class StageWorker:
         if spec.save_optimizer_to:
             save_optimizer_state(self.se.engine, spec.save_optimizer_to, self.rank)
         if spec.eval_suite_uri is not None:  # the exported weights, evaluated by the same SP-sharded workers
-            from raylong.eval.run import record
-
-            summary = self.evaluate()
-            if self.rank == 0:
-                record(summary, self.tracker, spec.mlflow_run_id)
-                log.info("%s eval: %s", stage.name, ", ".join(
-                    f"{k}={v:.3f}" for k, v in summary["metrics"].items() if "passkey" in k or "short" in k or "heldout" in k))
+            self.evaluate_and_record()
         collectives.barrier()
         ray.train.report({**self.metrics, **self.resume_info, "step": stage.optim.steps})
 
@@ -168,13 +162,7 @@ class StageWorker:
     def finish_eval(self) -> None:
         import ray.train
 
-        summary = self.evaluate()
-        if self.rank == 0:
-            from raylong.eval.run import record
-
-            record(summary, self.tracker, self.spec.mlflow_run_id)
-            log.info("%s eval: %s", self.stage.name, ", ".join(
-                f"{k}={v:.3f}" for k, v in summary["metrics"].items() if "_acc/" in k))
+        self.evaluate_and_record()
         collectives.barrier()
         ray.train.report({})
 
@@ -186,6 +174,16 @@ class StageWorker:
 
         return evaluate_in_workers(self.se, read_text(self.spec.eval_suite_uri), self.spec.heldout_uri,
                                    self.stage.eval.heldout_sequences, load_tokenizer(self.tokenizer_dir).pad_token_id)
+
+    def evaluate_and_record(self) -> None:
+        """The stage's (or the base run's) evaluation, recorded on its MLflow run and logged by rank 0."""
+        from raylong.eval.run import record
+
+        summary = self.evaluate()
+        if self.rank == 0:
+            record(summary, self.tracker, self.spec.mlflow_run_id)
+            log.info("%s eval: %s", self.stage.name, ", ".join(
+                f"{k}={v:.3f}" for k, v in summary["metrics"].items() if "_acc/" in k or "short" in k or "heldout" in k))
 
     def report_trial_eval(self, step: int) -> None:
         """Sweep trials: evaluate now, log to the trial's MLflow run, report to Ray Train (and so to Tune)."""
